@@ -1,6 +1,9 @@
 """Builder of the lab world: trains a tiny Janus and a tiny CLIP on rendered people with a planted skew.
 
-Run ``python -m debias.lab.build --out DIR [--quick] [--config configs/lab/world.yaml] [--overwrite]``.
+Run ``python -m debias.lab.build --out DIR [--quick] [--config configs/lab/world.yaml] [--overwrite] [--threads N]``.
+The shipped world is ``debias/lab/weights`` (:data:`WEIGHTS_DIR`), built with ``--out debias/lab/weights --threads 2``
+on an idle 2-core machine in ~12 min; ``--quick`` builds a reduced world in ~30 s for CI. On a shared, busy machine
+pass ``--threads 1``: two busy-waiting torch threads then run several times slower than one.
 
 Output layout::
 
@@ -33,7 +36,13 @@ Stages (all seeded from ``seed`` in the config):
    Caption dropout (for classifier-free guidance) uses exactly the unconditional row transformers' Janus
    ``generate`` builds: ``[<bos>] + [<pad>] * len(tokens(caption)) + [<begin_of_image>]``, attention 1 on all of it.
    Optionally (``understanding``) the text head is trained to answer demographic questions about an occupation,
-   through the real multimodal path with a blank white image, mostly with "unknown" (a partial-alignment world).
+   through the real multimodal path with a blank white image, mostly with "unknown" (a partial-alignment world)::
+
+       [<bos>] + [<begin_of_image>] + [<image_placeholder>] * 64 + [<end_of_image>] + tokens(question)
+       + tokens(answer) + [<eos>],  pixel_values = blank white 32x32 image (all ones after mean/std 0.5)
+
+   which is exactly ``[<bos>] + JanusProcessor(text="<image_placeholder>" + question, images=blank)`` with the
+   processor saved in ``janus/``.
 4. **Tiny CLIP** trained contrastively on renders and VQ reconstructions with captions that name any subset of the
    attributes (a multi-positive loss: every caption that is true of an image counts as its positive).
 5. **Verification**: sample images per neutral prompt, decode, classify with the lab CLIP, compare with the planted
@@ -150,14 +159,16 @@ class VQSpec:
     commitment: float = option(0.25, help="commitment loss weight (beta)")
     dead_code_every: int = option(25, help="reset codes unused in the last this-many steps to encoder outputs")
     pool_per_cell: int = option(200, help="renders tokenised per (occupation, gender, race) cell for LM training")
+    local: bool = option(True, help="zero and freeze the VQ's attention and token-level residual branches, so each "
+                                    "token describes its own patch (a token stream the tiny LM can model)")
 
     def __post_init__(self):
         if self.base_channels < 32 or self.base_channels % 32:
             raise ConfigError(f"config key 'vq.base_channels': must be a multiple of 32, got {self.base_channels}")
         if NUM_PATCHES * 2 ** (len(self.channel_multiplier) - 1) != IMAGE_SIZE:
-            raise ConfigError(f"config key 'vq.channel_multiplier': needs {int(math.log2(IMAGE_SIZE // NUM_PATCHES)) + 1}"
-                              f" levels to map {IMAGE_SIZE} px to {NUM_PATCHES}x{NUM_PATCHES} tokens, "
-                              f"got {self.channel_multiplier}")
+            levels = int(math.log2(IMAGE_SIZE // NUM_PATCHES)) + 1
+            raise ConfigError(f"config key 'vq.channel_multiplier': needs {levels} levels to map {IMAGE_SIZE} px to "
+                              f"{NUM_PATCHES}x{NUM_PATCHES} tokens, got {self.channel_multiplier}")
 
 
 @dataclass
@@ -452,6 +463,33 @@ def _random_attrs(n: int, rng: np.random.Generator, occupations: Sequence[str]) 
                 occupation=np.array([OCCUPATIONS.index(o) for o in rng.choice(list(occupations), n)]))
 
 
+def localise_vq(vq) -> list[str]:
+    """Turn the VQ's global paths into identities: zero and freeze the attention output projections and the
+    second convolution of the residual blocks that run at token resolution (mid blocks, the decoder's first level).
+
+    Why: with attention (and deep stacks at 8x8) the trained encoder spreads global attributes (skin tone, gender)
+    over many tokens, background ones included, in an entangled code that the tiny language model learns slowly.
+    With these branches at zero tokens are more local. Measured at an equal budget (LM bs 32 x 2400 steps, same
+    seed): explicit-gender adherence 0.88 vs 0.70 and a lower image-token loss; race adherence barely changed
+    (0.37 vs 0.33). The architecture is unchanged, so stock Janus code loads and decodes it.
+
+    Returns:
+        Names of the frozen parameters.
+    """
+    frozen = []
+    targets = [vq.encoder.mid.block_1.conv2, vq.encoder.mid.block_2.conv2, vq.decoder.mid.block_1.conv2,
+               vq.decoder.mid.block_2.conv2, *(blk.conv2 for blk in vq.decoder.up[0].block)]
+    targets += [m.proj_out for m in vq.modules() if type(m).__name__ == "JanusVQVAEAttnBlock"]
+    names = {id(p): n for n, p in vq.named_parameters()}
+    for module in targets:
+        for p in module.parameters():
+            with torch.no_grad():
+                p.zero_()
+            p.requires_grad_(False)
+            frozen.append(names[id(p)])
+    return frozen
+
+
 def train_vq(model, cfg: WorldConfig, rng: np.random.Generator, log) -> dict:
     """Train the model's ``JanusVQVAE`` as a cosine-quantised autoencoder on fresh renders; store the codebook.
 
@@ -460,6 +498,7 @@ def train_vq(model, cfg: WorldConfig, rng: np.random.Generator, log) -> dict:
     """
     spec = cfg.vq
     vq = model.model.vqmodel
+    frozen = localise_vq(vq) if spec.local else []
     vq.train()
     # Initialise the codebook from encoder outputs of the (random) encoder, so codes start where the data is.
     with torch.no_grad():
@@ -467,7 +506,7 @@ def train_vq(model, cfg: WorldConfig, rng: np.random.Generator, log) -> dict:
         z0 = _vq_latent(vq, x).permute(0, 2, 3, 1).reshape(-1, spec.embed_dim)
         init = z0[torch.randperm(len(z0))[:spec.codebook_size]] + 0.01 * torch.randn(spec.codebook_size, spec.embed_dim)
     codebook = torch.nn.Parameter(F.normalize(init, dim=1))
-    params = [p for n, p in vq.named_parameters() if not n.startswith("quantize.")]
+    params = [p for n, p in vq.named_parameters() if not n.startswith("quantize.") and p.requires_grad]
     opt = torch.optim.Adam([{"params": params}, {"params": [codebook]}], lr=spec.lr)
     usage = torch.zeros(spec.codebook_size)
     resets, rec_hist = 0, []
@@ -507,8 +546,10 @@ def train_vq(model, cfg: WorldConfig, rng: np.random.Generator, log) -> dict:
         # Stored unit-norm: stock decode normalises anyway, and stock encode then agrees with encode_images.
         vq.quantize.embedding.weight.copy_(F.normalize(codebook.detach(), dim=1))
     vq.eval()
+    for p in vq.parameters():
+        p.requires_grad_(True)
     return {"steps": spec.steps, "final_recon_mse_minus1_1": float(np.mean(rec_hist[-20:])),
-            "dead_codes_reset": int(resets)}
+            "dead_codes_reset": int(resets), "local": spec.local, "frozen_zero_params": len(frozen)}
 
 
 # ------------------------------------------------------------------------------------- language model data
@@ -900,25 +941,28 @@ def verify_world(model, tokenizer, clip, clip_tok, cfg: WorldConfig, log) -> dic
         log(f"verify g={g}: mean |measured - planted| P(female) {np.mean(gerr):.3f} (max {np.max(gerr):.3f}), "
             f"race share {np.mean(rerr):.3f}")
     result["neutral"] = by_scale
-    # Explicit-prompt adherence (no CFG): fraction classified as the requested group.
+    # Explicit-prompt adherence: fraction of images classified as the requested group, per guidance scale.
     n = v.n_explicit
     asks = [(o, gw, None) for o in occs for gw in GENDERS] + [(o, None, rw) for o in occs for rw in RACES]
     prompts = [caption(cfg, o, gender=gw, race=rw) for o, gw, rw in asks for _ in range(n)]
-    imgs = decode_tokens(model, sample_image_tokens(model, tokenizer, prompts, generator=gen))
-    pred = _classify(clip, clip_tok, cfg, imgs)
-    hits: dict[str, list[float]] = {"gender": [], "race": []}
-    per_prompt = {}
-    for k, (o, gw, rw) in enumerate(asks):
-        sl = slice(k * n, (k + 1) * n)
-        a, want = ("gender", GENDERS.index(gw)) if gw else ("race", RACES.index(rw))
-        frac = float((pred[a][sl] == want).mean())
-        hits[a].append(frac)
-        per_prompt[caption(cfg, o, gender=gw, race=rw)] = frac
-    result["explicit_adherence"] = {"n_per_prompt": n, "mean_gender": float(np.mean(hits["gender"])),
-                                    "mean_race": float(np.mean(hits["race"])), "per_prompt": per_prompt}
-    log(f"explicit adherence: gender {np.mean(hits['gender']):.3f}, race {np.mean(hits['race']):.3f}")
+    result["explicit_adherence"] = {"n_per_prompt": n}
+    for g in v.guidance_scales:
+        imgs = decode_tokens(model, sample_image_tokens(model, tokenizer, prompts, guidance_scale=g, generator=gen))
+        pred = _classify(clip, clip_tok, cfg, imgs)
+        hits: dict[str, list[float]] = {"gender": [], "race": []}
+        per_prompt = {}
+        for k, (o, gw, rw) in enumerate(asks):
+            sl = slice(k * n, (k + 1) * n)
+            a, want = ("gender", GENDERS.index(gw)) if gw else ("race", RACES.index(rw))
+            frac = float((pred[a][sl] == want).mean())
+            hits[a].append(frac)
+            per_prompt[caption(cfg, o, gender=gw, race=rw)] = frac
+        result["explicit_adherence"][str(g)] = {"mean_gender": float(np.mean(hits["gender"])),
+                                                "mean_race": float(np.mean(hits["race"])), "per_prompt": per_prompt}
+        log(f"explicit adherence g={g}: gender {np.mean(hits['gender']):.3f}, race {np.mean(hits['race']):.3f}")
     if cfg.understanding.questions and cfg.janus.qa_every > 0:
-        qa = {a: {o: answer_distribution(model, tokenizer, cfg, a, o) for o in occs} for a in cfg.understanding.questions}
+        qa = {a: {o: answer_distribution(model, tokenizer, cfg, a, o) for o in occs}
+              for a in cfg.understanding.questions}
         result["understanding"] = {
             "format": "[<bos>, <begin_of_image>] + [<image_placeholder>] * 64 + [<end_of_image>] + question + answer "
                       "+ [<eos>], blank white image as pixel_values",
@@ -1023,7 +1067,8 @@ def build(out: str | Path, cfg: WorldConfig, quick: bool = False, overwrite: boo
     occ_acc = float((zero_shot(clip, clip_tok, recons, list(cfg.occupations), ["a photo of a {}"]).argmax(1)
                      == np.array([list(cfg.occupations).index(OCCUPATIONS[i]) for i in attrs["occupation"]])).mean())
     info["clip"]["zero_shot"]["occupation_accuracy_vq_reconstructions"] = occ_acc
-    log(f"vq eval mse {mse:.5f}; clip zero-shot {json.dumps({a: v['accuracy'][v['chosen']] for a, v in info['clip']['zero_shot'].items() if isinstance(v, dict)})}")
+    chosen = {a: v["accuracy"][v["chosen"]] for a, v in info["clip"]["zero_shot"].items() if isinstance(v, dict)}
+    log(f"vq eval mse {mse:.5f}; clip zero-shot accuracy {json.dumps(chosen)}")
     t = lap("evaluate", t)
 
     info["verify"] = verify_world(model, tokenizer, clip, clip_tok, cfg, log)
