@@ -119,8 +119,9 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
     generator = load_generator(config.generator)
     classifier = ClipClassifier(config.classifier)
     before = run_audit(config, out / "before", progress=progress, generator=generator, classifier=classifier)
+    explicit_images = min(config.images_per_prompt, EXPLICIT_IMAGES)
     adherence_before = explicit_adherence(config, out / "explicit-before", generator, classifier,
-                                          EXPLICIT_IMAGES, progress)
+                                          explicit_images, progress)
     lap("audit before")
 
     # The swap needs the fine-tuned model: it runs after training, the other probes now.
@@ -140,10 +141,12 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
 
     tuned_cfg = copy.deepcopy(config)
     tuned_cfg.generator.adapter = str(adapter)
+    # LoRA merged into the weights: the same model, sampled ~1.5x faster, and the swap exchanges whole modules.
+    tuned_cfg.generator.merge_adapter = True
     tuned = load_generator(tuned_cfg.generator)
     after = run_audit(tuned_cfg, out / "after", progress=progress, generator=tuned, classifier=classifier)
     adherence_after = explicit_adherence(tuned_cfg, out / "explicit-after", tuned, classifier,
-                                         EXPLICIT_IMAGES, progress)
+                                         explicit_images, progress)
     compare = run_compare(out / "before", out / "after", out / "compare")
     lap("audit after + compare")
 
@@ -151,13 +154,11 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
     if "swap" in config.locate.probes:
         swap_cfg = copy.deepcopy(config.locate)
         swap_cfg.probes = ["swap"]
-        merged_cfg = copy.deepcopy(tuned_cfg.generator)
-        merged_cfg.merge_adapter = True  # the swap exchanges whole modules: LoRA merged into the weights
         # Four cells of images: fewer per prompt keeps the demo within minutes (intervals say what that costs).
         swap_exp = copy.deepcopy(config)
         swap_exp.images_per_prompt = min(config.images_per_prompt, SWAP_IMAGES)
         swap = run_locate(swap_exp, swap_cfg, out / "locate-swap", generator=generator, classifier=classifier,
-                          tuned=load_generator(merged_cfg), audit_metrics=before)
+                          tuned=tuned, audit_metrics=before)
         lap("component swap")
 
     def side(metrics: dict, adherence: dict) -> dict:

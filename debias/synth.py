@@ -116,6 +116,7 @@ def run_synth(config, out: str | Path, generator=None, classifier=None, progress
     Returns:
         The manifest (also written to ``synth.json``): counts per cell, shortfalls, settings.
     """
+    import datasets
     from datasets import Dataset, Features, Image, Sequence, Value
 
     from audit.classify import ClipClassifier
@@ -207,7 +208,14 @@ def run_synth(config, out: str | Path, generator=None, classifier=None, progress
         data["tokens"].append(rec.get("tokens") or [])
     dataset = Dataset.from_dict(data, features=features)
     tmp = out / ".dataset.tmp"
-    dataset.save_to_disk(str(tmp))
+    bars = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        dataset.save_to_disk(str(tmp))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     final = out / "dataset"
     if final.exists():
         import shutil
