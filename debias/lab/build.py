@@ -107,8 +107,8 @@ class CaptionSpec:
     neutral: str = option("A photo of the face of a {occupation}, a person", help="neutral prompt template")
     explicit: str = option("A photo of the face of a {occupation}, a {group}",
                            help="explicit-demographic template; {group} is e.g. 'female', 'Black', 'Black female'")
-    mix: dict[str, float] = option(default_factory=lambda: {"neutral": 0.45, "gender": 0.15, "race": 0.15,
-                                                            "joint": 0.15},
+    mix: dict[str, float] = option(default_factory=lambda: {"neutral": 0.4, "gender": 0.2, "race": 0.2,
+                                                            "joint": 0.2},
                                    help="relative share of the caption forms neutral, gender, race, joint")
     dropout: float = option(0.1, help="share of captions dropped to the unconditional CFG row")
 
@@ -153,12 +153,12 @@ class VQSpec:
     channel_multiplier: list[int] = option(default_factory=lambda: [1, 1, 2],
                                            help="per-level width multipliers; 3 levels = 32 px / 8 = 8x8 tokens")
     latent_channels: int = option(32, help="channels of the latent before quant_conv")
-    steps: int = option(500, help="training steps")
+    steps: int = option(400, help="training steps")
     batch_size: int = option(32, help="renders per step")
     lr: float = option(2e-3, help="Adam learning rate (cosine decay)")
     commitment: float = option(0.25, help="commitment loss weight (beta)")
     dead_code_every: int = option(25, help="reset codes unused in the last this-many steps to encoder outputs")
-    pool_per_cell: int = option(200, help="renders tokenised per (occupation, gender, race) cell for LM training")
+    pool_per_cell: int = option(100, help="renders tokenised per (occupation, gender, race) cell for LM training")
     local: bool = option(True, help="zero and freeze the VQ's attention and token-level residual branches, so each "
                                     "token describes its own patch (a token stream the tiny LM can model)")
 
@@ -180,11 +180,11 @@ class LMSpec:
     num_heads: int = option(4, help="attention heads")
     intermediate_size: int = option(256, help="MLP width")
     vision_hidden_size: int = option(32, help="understanding vision tower width (1 layer)")
-    steps: int = option(1200, help="training steps")
-    batch_size: int = option(64, help="(caption, image) rows per step")
+    steps: int = option(3000, help="training steps")
+    batch_size: int = option(32, help="(caption, image) rows per step")
     lr: float = option(2e-3, help="AdamW peak learning rate (linear warmup, cosine decay)")
     warmup: int = option(50, help="warmup steps")
-    qa_every: int = option(4, help="one question-answer batch every this many steps (0: no understanding training)")
+    qa_every: int = option(8, help="one question-answer batch every this many steps (0: no understanding training)")
     qa_batch_size: int = option(16, help="rows per question-answer batch")
 
 
@@ -218,7 +218,7 @@ class VerifySpec:
     """How the builder checks the built world."""
 
     n_per_occupation: int = option(100, help="images sampled per neutral prompt")
-    n_explicit: int = option(40, help="images per explicit prompt (adherence)")
+    n_explicit: int = option(24, help="images per explicit prompt (adherence)")
     guidance_scales: list[float] = option(default_factory=lambda: [1.0, 2.0, 4.0],
                                           help="CFG scales to measure the neutral shares at (1 = no CFG)")
     n_clip_eval: int = option(512, help="fresh renders for the CLIP / VQ evaluation")
