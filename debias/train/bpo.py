@@ -114,9 +114,3 @@ class JanusBPOTrainer(ImageTokenTrainerMixin, DPOTrainer):
         self._record("logps/i", mean_i.detach())
         self._record("logps/j", mean_j.detach())
         return (loss, {"logps": logps}) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None

@@ -27,7 +27,8 @@ from generators.janus import unwrap
 
 
 class ImageTokenTrainerMixin:
-    """Prompt tokenisation and log queueing shared by the Janus trainers (mixed in before the TRL class)."""
+    """Prompt tokenisation, log queueing and loss-only evaluation shared by the Janus trainers (mixed in before the
+    TRL class)."""
 
     def _setup_image_tokens(self, model, tokenizer, ids, template: str) -> None:
         self.image_ids = ids
@@ -68,6 +69,13 @@ class ImageTokenTrainerMixin:
     def _record(self, name: str, value: torch.Tensor) -> None:
         mode = "train" if self.model.training else "eval"
         self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach().reshape(-1)).mean().item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Evaluation is the training loss on held-out rows: no generation, no logits to gather.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
 
 class JanusSFTTrainer(ImageTokenTrainerMixin, SFTTrainer):
@@ -116,9 +124,3 @@ class JanusSFTTrainer(ImageTokenTrainerMixin, SFTTrainer):
                 torch.tensor(logps.numel(), device=logps.device)).sum().item())
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return (loss, {"logps": logps}) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
