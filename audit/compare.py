@@ -263,7 +263,7 @@ def change_figure(labels: Sequence[str], changes: Sequence[Any], cis: Sequence[A
     import matplotlib
     from matplotlib.figure import Figure
 
-    from audit.report import _rc, _rows_to_plot
+    from audit.report import _rc, _row_background, _rows_to_plot
 
     order = sorted(range(len(labels)), key=lambda i: (changes[i] is None, changes[i] or 0.0, labels[i]))
     rows, omitted = _rows_to_plot(order, limit)
@@ -272,11 +272,8 @@ def change_figure(labels: Sequence[str], changes: Sequence[Any], cis: Sequence[A
         ax = fig.add_subplot()
         ax.axvline(0, color="#7b8794", lw=0.9, zorder=1)
         for y, i in enumerate(rows):
-            if i is None:
-                ax.axhline(y, color="#cbd2d9", lw=0.8, ls=":")
+            if not _row_background(ax, y, i):
                 continue
-            if y % 2 == 0:
-                ax.axhspan(y - 0.5, y + 0.5, color="#f5f7fa", zorder=0, lw=0)
             c = changes[i]
             if c is None:
                 ax.text(0, y, "undefined (no face on one side)", ha="center", va="center", color="#9aa5b1",

@@ -559,6 +559,17 @@ def _rows_to_plot(order: list[int], limit: int) -> tuple[list[int | None], int]:
     return order[:half] + [None] + order[-half:], len(order) - 2 * half
 
 
+def _row_background(ax, y: int, i: int | None) -> bool:
+    """Row ``y`` of a per-prompt plot: a dotted line for the gap of omitted rows (``i`` None), else every other row
+    shaded. Returns whether the row holds a prompt."""
+    if i is None:
+        ax.axhline(y, color="#cbd2d9", lw=0.8, ls=":")
+        return False
+    if y % 2 == 0:
+        ax.axhspan(y - 0.5, y + 0.5, color="#f5f7fa", zorder=0, lw=0)
+    return True
+
+
 def shares_figure(labels: Sequence[str], shares: Sequence[Any], cis: Sequence[Any], rds: Sequence[Any],
                   classes: Sequence[str], target: Sequence[float] | None = None, title: str = "",
                   limit: int = MAX_PLOT_PROMPTS) -> tuple[Any, int]:
@@ -595,11 +606,8 @@ def shares_figure(labels: Sequence[str], shares: Sequence[Any], cis: Sequence[An
             for j in range(k):
                 ax.axvline(target[j], color=PALETTE[j % len(PALETTE)], lw=0.8, ls="--", alpha=0.6, zorder=1)
         for y, i in enumerate(rows):
-            if i is None:
-                ax.axhline(y, color="#cbd2d9", lw=0.8, ls=":")
+            if not _row_background(ax, y, i):
                 continue
-            if y % 2 == 0:
-                ax.axhspan(y - 0.5, y + 0.5, color="#f5f7fa", zorder=0, lw=0)
             if shares[i] is None:
                 ax.text(0.5, y, "no classified face", ha="center", va="center", color="#9aa5b1", fontsize=7.5)
                 continue
@@ -642,6 +650,21 @@ def _cell_norm(dev: np.ndarray, floor: float):
     return TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
 
 
+def _text_colour(im, value: float) -> str:
+    # Dark text on pale cells, white on saturated ones, so cell labels stay readable at both ends of the scale.
+    return "#1f2933" if abs(im.norm(value) - 0.5) < 0.35 else "white"
+
+
+def _frame_heatmap(fig, ax, im, label: str, fraction: float, pad: float) -> None:
+    """A heatmap without ticks or spines, and a borderless colour bar labelled ``label``."""
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    cb = fig.colorbar(im, ax=ax, fraction=fraction, pad=pad)
+    cb.set_label(label, fontsize=8)
+    cb.outline.set_visible(False)
+
+
 def joint_heatmap_figure(pooled: Sequence[float], rows: Sequence[str], cols: Sequence[str],
                          target: Sequence[float], title: str = "") -> Any:
     """Pooled joint shares as a rows x cols heatmap, coloured by the deviation from the target, labelled in %.
@@ -667,15 +690,10 @@ def joint_heatmap_figure(pooled: Sequence[float], rows: Sequence[str], cols: Seq
         im = ax.imshow(dev, cmap="RdBu_r", norm=_cell_norm(dev, float(np.max(target))), aspect="auto")
         for (r, c), v in np.ndenumerate(p):
             ax.text(c, r, fmt_pct(v, 1), ha="center", va="center", fontsize=9,
-                    color="#1f2933" if abs(im.norm(dev[r, c]) - 0.5) < 0.35 else "white")
+                    color=_text_colour(im, dev[r, c]))
         ax.set_xticks(range(len(cols)), cols)
         ax.set_yticks(range(len(rows)), rows)
-        ax.tick_params(length=0)
-        for s in ax.spines.values():
-            s.set_visible(False)
-        cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
-        cb.set_label("share − target", fontsize=8)
-        cb.outline.set_visible(False)
+        _frame_heatmap(fig, ax, im, "share − target", fraction=0.05, pad=0.03)
         if title:
             ax.set_title(title, loc="left")
     return fig
@@ -717,17 +735,12 @@ def prompt_heatmap_figure(labels: Sequence[str], shares: Sequence[Any], rds: Seq
             for (r, c), v in np.ndenumerate(m):
                 if np.isfinite(v):
                     ax.text(c, r, f"{100 * v:.0f}", ha="center", va="center", fontsize=6.5,
-                            color="#1f2933" if abs(im.norm(dev[r, c]) - 0.5) < 0.35 else "white")
+                            color=_text_colour(im, dev[r, c]))
         ax.set_xticks(range(k), [c.replace("/", "\n") for c in cells])
         ax.xaxis.tick_top()
         ax.set_yticks(range(len(rows)),
                       [_clip(labels[i], 44) if i is not None else f"… {omitted} not shown …" for i in rows])
-        ax.tick_params(length=0)
-        for s in ax.spines.values():
-            s.set_visible(False)
-        cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-        cb.set_label("share − target (cells: % of faces)", fontsize=8)
-        cb.outline.set_visible(False)
+        _frame_heatmap(fig, ax, im, "share − target (cells: % of faces)", fraction=0.04, pad=0.02)
     return fig, omitted
 
 
