@@ -329,7 +329,7 @@ def generator_draws_objects(generator_config: Any) -> bool:
 def lab_world_dir(classifier_model: str) -> Path | None:
     """The lab world a classifier belongs to: ``lab`` (the shipped weights) or a ``<world>/clip`` folder."""
     if classifier_model == "lab":
-        from debias.lab.backends import WEIGHTS
+        from generators.lab import WEIGHTS
 
         return WEIGHTS
     p = Path(classifier_model)
@@ -342,7 +342,9 @@ def lab_world_config(world: Path | None) -> dict:
     """The world's config: its shipped ``world.yaml``, else the repository's ``configs/lab/world.yaml``."""
     if world is not None and (world / "world.yaml").is_file():
         return load_yaml(world / "world.yaml")
-    return load_yaml(Path(__file__).resolve().parents[1] / "configs" / "lab" / "world.yaml")
+    from generators.resources import configs_dir
+
+    return load_yaml(configs_dir() / "lab" / "world.yaml")
 
 
 def lab_occupation_pairs(world_cfg: Mapping[str, Any]) -> list[list[str]]:
@@ -378,7 +380,7 @@ def lab_labelled(n_per_gender: int, seed: int = 0) -> dict[str, Any]:
     Returns:
         ``images`` (PIL), ``labels`` (attribute -> class names per image: gender, race, occupation), ``source``.
     """
-    from debias.lab.render import GENDERS, OCCUPATIONS, RACES, render_batch, to_uint8
+    from generators.lab.render import GENDERS, OCCUPATIONS, RACES, render_batch, to_uint8
 
     rng = np.random.default_rng(seed + 7)
     n = 2 * n_per_gender

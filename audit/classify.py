@@ -33,8 +33,8 @@ from PIL import Image
 
 from generators.config import ConfigError, UserError, did_you_mean, from_dict, load_yaml, option, to_dict
 from generators.registry import Registry
+from generators.resources import config_names, named_config
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "classifiers"
 
 FACE_TEMPLATES = (
     "a photo of a {} person",
@@ -322,7 +322,19 @@ def tiny_clip(
 
 CLASSIFIERS: Registry = Registry("in-process classifier model")
 CLASSIFIERS.register("tiny")(tiny_clip)
-CLASSIFIERS.add_lazy("lab", "debias.lab.backends:lab_clip")
+
+
+@CLASSIFIERS.register("lab")
+def lab_clip(seed: int = 0):
+    """The lab world's trained CLIP and processor (``classifier.model: lab``); ``seed`` is unused (trained weights)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from generators.lab import WEIGHTS, missing_world
+
+    path = WEIGHTS / "clip"
+    if not path.is_dir():
+        raise ConfigError(missing_world(path))
+    return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -627,14 +639,13 @@ def load_classifier_config(source: str | Path | dict | ClassifierConfig) -> Clas
         return from_dict(ClassifierConfig, source, prefix="classifier")
     path = Path(source)
     if not path.is_file() and path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
-        named = CONFIG_DIR / f"{source}.yaml"
-        if not named.is_file():
-            names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        names = config_names("classifiers")
+        if str(source) not in names:
             raise ConfigError(
                 f"unknown classifier config '{source}'{did_you_mean(str(source), names)}; "
                 f"available: {', '.join(names)} (or pass a path to a YAML file)"
             )
-        path = named
+        path = named_config("classifiers", str(source))
     return from_dict(ClassifierConfig, load_yaml(path), prefix="classifier")
 
 

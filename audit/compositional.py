@@ -228,7 +228,7 @@ def lab_binding_items(n_items: int = 48, seed: int = 0, template: str = DEFAULT_
     Returns:
         The items.
     """
-    from debias.lab.render import GENDERS, OCCUPATIONS, RACES, render_batch, to_uint8
+    from generators.lab.render import GENDERS, OCCUPATIONS, RACES, render_batch, to_uint8
 
     rng = np.random.default_rng(seed)
     n_pairs = (n_items + 1) // 2

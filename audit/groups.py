@@ -294,7 +294,7 @@ def load_prompt_set(ref: str | Path | PromptSetRef | Mapping[str, Any]) -> Promp
         ConfigError: for a missing or malformed file, or a ``select`` that names an unknown tag or value, or keeps
             no prompt.
     """
-    from audit.prompts import project_path
+    from generators.resources import project_path
 
     if isinstance(ref, Mapping):
         ref = from_dict(PromptSetRef, dict(ref), prefix="prompts.prompt_sets[]")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from generators.config import ConfigError, from_dict, load_yaml, option
+from generators.resources import project_path
 
 PAPER_TEMPLATE = "A photo of the face of a {occupation}, a person"
 
@@ -16,15 +17,6 @@ GROUP_WORDS: dict[str, dict[str, str]] = {
     "gender": {"male": "male", "female": "female"},
     "race": {"White": "White", "Black": "Black", "Indian": "Indian", "Asian": "Asian"},
 }
-
-
-def project_path(path: str | Path) -> Path:
-    """Resolve a path from a config: as given if it exists, else relative to the project root (where configs/ is)."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    root_relative = Path(__file__).resolve().parents[1] / p
-    return root_relative if root_relative.exists() else p
 
 
 @dataclass

@@ -49,7 +49,7 @@ EXAMPLES = {
         debias demo --out runs/demo --images-per-prompt 64
     """,
     "lab": """
-        debias lab build --out debias/lab/weights         # rebuild the shipped world (~10 min on 2 cores)
+        debias lab build --out generators/lab/weights         # rebuild the shipped world (~10 min on 2 cores)
         debias lab build --out /tmp/world --quick          # a reduced world in about a minute
     """,
     "methods": """

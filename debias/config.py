@@ -14,7 +14,8 @@ from debias.locate.run import LocateConfig
 from debias.synth import SynthConfig
 from debias.train.config import TrainConfig
 from generators.base import GeneratorConfig
-from generators.config import ConfigError, did_you_mean, from_dict, load_yaml, option
+from generators.config import ConfigError, from_dict, load_yaml, option
+from generators.resources import named_config
 
 
 @dataclass
@@ -45,21 +46,12 @@ class ExperimentConfig:
         return list(range(self.seed_offset, self.seed_offset + self.images_per_prompt))
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
 def named_section(kind: str, value):
     """A section given as a name in ``configs/<kind>/`` or a YAML path is replaced by that file's mapping."""
     if not isinstance(value, str):
         return value
     path = Path(value)
-    if not path.is_file():
-        names = sorted(p.stem for p in (CONFIGS / kind).glob("*.yaml"))
-        if value not in names:
-            raise ConfigError(f"config key '{kind[:-1]}': '{value}' is neither a YAML file nor a name in "
-                              f"configs/{kind}/{did_you_mean(value, names)}; available: {', '.join(names)}")
-        path = CONFIGS / kind / f"{value}.yaml"
-    return load_yaml(path)
+    return load_yaml(path if path.is_file() else named_config(kind, value))
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:

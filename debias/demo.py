@@ -18,9 +18,10 @@ import numpy as np
 from audit.metrics import rd
 from audit.prompts import explicit_prompt, groups
 from audit.store import atomic_write_bytes, atomic_write_json, check_writable
-from debias.config import CONFIGS, ExperimentConfig, load_config
+from debias.config import ExperimentConfig, load_config
+from generators.resources import configs_dir
 
-DEMO_CONFIG = CONFIGS / "experiments" / "lab.yaml"
+DEMO_CONFIG = configs_dir() / "experiments" / "lab.yaml"
 EXPLICIT_IMAGES = 16  # per explicit prompt (8 occupations x 6 variants): adherence to a few points
 SWAP_IMAGES = 64  # per prompt and cell of the 2x2 component swap
 
@@ -96,7 +97,7 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
     from audit.classify import ClipClassifier
     from audit.compare import run_compare
     from audit.run import run_audit
-    from debias.lab.backends import planted
+    from generators.lab import planted
     from debias.locate.run import run_locate
     from debias.synth import run_synth
     from debias.train.run import run_train

@@ -72,7 +72,7 @@ class Generator(Protocol):
 GENERATORS: Registry = Registry("generator backend")
 GENERATORS.add_lazy("janus", "generators.janus:JanusGenerator")
 GENERATORS.add_lazy("diffusers", "generators.diffusers_backend:DiffusersGenerator")
-GENERATORS.add_lazy("lab", "debias.lab.backends:LabGenerator")
+GENERATORS.add_lazy("lab", "generators.lab.generator:LabGenerator")
 
 
 def load_generator(config: GeneratorConfig | dict) -> Generator:

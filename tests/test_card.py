@@ -122,7 +122,7 @@ def biased_clip(steps: int = 100, seed: int = 0):
     The person-free training images use another seed than the card's builtin set, so the card measures held-out
     images; the renders are drawn fresh by the card too. Images are preprocessed once. ~2-3 s on one thread.
     """
-    from debias.lab.render import render_batch, to_uint8
+    from generators.lab.render import render_batch, to_uint8
 
     model, processor = tiny_clip(seed=seed)
     texts = ["a photo of a man", "a photo of a woman", "a photo of a nurse", "a photo of a doctor"]
@@ -200,7 +200,7 @@ def test_biased_tiny_classifier_is_flagged_by_the_card(tmp_path):
 
 def test_labelled_folder_and_generated_person_free_images(tmp_path):
     """Association from a labelled folder (root/gender/<class>/*.png), person-free images from a real generator."""
-    from debias.lab.render import render_batch, to_uint8
+    from generators.lab.render import render_batch, to_uint8
     from generators.base import load_generator
 
     rng = np.random.default_rng(5)
@@ -275,13 +275,13 @@ def test_disabled_card_writes_nothing_and_saved_sections_rebuild(tmp_path):
 
 
 def _lab_weights():
-    from debias.lab.backends import WEIGHTS
+    from generators.lab import WEIGHTS
 
     return WEIGHTS
 
 
 @pytest.mark.skipif(not (_lab_weights() / "clip" / "config.json").is_file(),
-                    reason="lab world weights not built (python -m debias.lab.build --out debias/lab/weights)")
+                    reason="lab world weights not built (python -m debias.lab.build --out generators/lab/weights)")
 def test_card_on_the_lab_world():
     from generators.config import load_yaml
 

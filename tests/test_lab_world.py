@@ -13,11 +13,11 @@ import pytest
 import torch
 import yaml
 
-from debias.lab.render import CLOTHES, GENDERS, OCCUPATIONS, RACES, TONES, render, render_batch
+from generators.lab.render import CLOTHES, GENDERS, OCCUPATIONS, RACES, TONES, render, render_batch
 from generators.config import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "debias" / "lab" / "weights"
+WEIGHTS = ROOT / "generators" / "lab" / "weights"
 
 
 # ------------------------------------------------------------------------------------------- renderer

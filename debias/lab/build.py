@@ -1,7 +1,7 @@
 """Builder of the lab world: trains a tiny Janus and a tiny CLIP on rendered people with a planted skew.
 
 Run ``python -m debias.lab.build --out DIR [--quick] [--config configs/lab/world.yaml] [--overwrite] [--threads N]``.
-The shipped world is ``debias/lab/weights`` (:data:`WEIGHTS_DIR`), built with ``--out debias/lab/weights --threads 2``
+The shipped world is ``generators/lab/weights`` (:data:`generators.lab.WEIGHTS`), built with ``--out generators/lab/weights --threads 2``
 on an idle 2-core machine in ~12 min; ``--quick`` builds a reduced world in ~30 s for CI. On a shared, busy machine
 pass ``--threads 1``: two busy-waiting torch threads then run several times slower than one.
 
@@ -68,11 +68,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from debias.lab.render import GENDERS, OCCUPATIONS, RACES, render_batch
+from generators.lab.render import GENDERS, OCCUPATIONS, RACES, render_batch
 from generators.config import ConfigError, UserError, from_dict, load_yaml, option, to_dict
+from generators.resources import configs_dir
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "lab" / "world.yaml"
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_CONFIG = configs_dir() / "lab" / "world.yaml"
 IMAGE_SIZE = 32
 NUM_PATCHES = 8  # 8 x 8 = 64 image tokens
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -1109,7 +1109,7 @@ def build(out: str | Path, cfg: WorldConfig, quick: bool = False, overwrite: boo
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m debias.lab.build --out DIR [--quick] [--config PATH] [--overwrite]``."""
     ap = argparse.ArgumentParser(prog="python -m debias.lab.build", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output folder (e.g. debias/lab/weights)")
+    ap.add_argument("--out", required=True, help="output folder (e.g. generators/lab/weights)")
     ap.add_argument("--quick", action="store_true", help="reduced world for CI (well under a minute)")
     ap.add_argument("--config", default=None, help=f"world config (default {DEFAULT_CONFIG})")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

@@ -191,7 +191,7 @@ def load_labelled_images(config: VisionProbeConfig) -> tuple[list, dict[str, lis
     from PIL import Image
 
     if config.data == "lab":
-        from debias.lab.render import GENDERS, OCCUPATIONS, RACES, render_batch, to_uint8
+        from generators.lab.render import GENDERS, OCCUPATIONS, RACES, render_batch, to_uint8
 
         rng = np.random.default_rng(config.seed)
         cells = list(itertools.product(GENDERS, RACES))

@@ -27,7 +27,6 @@ from pathlib import Path
 from debias.train.config import TrainConfig
 from generators.config import ConfigError, UserError, from_dict, load_yaml
 
-ACCELERATE_DIR = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 CHILD_ENV = "DEBIAS_TRAIN_LAUNCHED"
 
 
@@ -82,10 +81,12 @@ def resolve_accelerate_config(name: str) -> Path:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
-    named = ACCELERATE_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    from generators.resources import config_names, configs_dir
+
+    named = configs_dir() / "accelerate" / f"{name.removesuffix('.yaml')}.yaml"
     if named.is_file():
         return named
-    available = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
+    available = config_names("accelerate")
     from generators.config import did_you_mean
 
     raise ConfigError(

@@ -1,0 +1,51 @@
+"""Where the toolkit's shipped data lives: the versioned YAML files under ``configs/``.
+
+Every lookup of a shipped config goes through :func:`configs_dir` / :func:`named_config`, so the location is
+decided in one place (a checkout and an installed distribution differ only here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from generators.config import ConfigError, did_you_mean
+
+
+def configs_dir() -> Path:
+    """The folder of shipped configs (``generators/``, ``classifiers/``, ``prompts/``, ``experiments/``, ...)."""
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_names(kind: str) -> list[str]:
+    """Names (file stems) of the shipped configs of one kind, e.g. ``config_names("generators")``."""
+    return sorted(p.stem for p in (configs_dir() / kind).glob("*.yaml"))
+
+
+def named_config(kind: str, name: str, key: str | None = None) -> Path:
+    """The shipped YAML file ``configs/<kind>/<name>.yaml``.
+
+    Args:
+        kind: Sub-folder of ``configs/`` (``generators``, ``classifiers``, ``accelerate``, ...).
+        name: File stem; a trailing ``.yaml`` is accepted.
+        key: Config key the name was given for, named in the error (default: ``kind`` without its plural s).
+
+    Raises:
+        ConfigError: for an unknown name, with the available names and a "did you mean".
+    """
+    stem = name.removesuffix(".yaml").removesuffix(".yml")
+    path = configs_dir() / kind / f"{stem}.yaml"
+    if path.is_file():
+        return path
+    names = config_names(kind)
+    raise ConfigError(f"config key '{key or kind.rstrip('s')}': '{name}' is neither a YAML file nor a name in "
+                      f"configs/{kind}/{did_you_mean(stem, names)}; available: {', '.join(names)}")
+
+
+def project_path(path: str | Path) -> Path:
+    """A path from a config: as given if it exists, else relative to the folder holding ``configs/``
+    (so ``configs/prompts/paper.yaml`` works from any working directory)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    root_relative = configs_dir().parent / p
+    return root_relative if root_relative.exists() else p
