@@ -744,7 +744,8 @@ def _generator_set(classifier, generator, config: CardConfig, prompts, run_dir, 
     """Representation numbers on the generator's own person-free images (stored under ``RUN/card``)."""
     import tempfile
 
-    from audit.store import RunStore, sample_to_store
+    from audit.sample import sample_to_store
+    from audit.store import RunStore
 
     texts = [config.object_template.format(object=o) for o in config.objects]
     root = Path(run_dir) / "card" if run_dir is not None else Path(tempfile.mkdtemp(prefix="debias-card-"))

@@ -832,7 +832,7 @@ def _share_bar(shares: Sequence[Any] | None, classes: Sequence[str]) -> Markup:
 
 
 def build_context(run_dir: Path, metrics: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]],
-                  extra_sections: Sequence[Section] = (), images_per_prompt: int = GRID_IMAGES,
+                  extra_sections: Sequence[Section] = (), grid_images: int = GRID_IMAGES,
                   max_grid_prompts: int = MAX_GRID_PROMPTS, max_plot_prompts: int = MAX_PLOT_PROMPTS
                   ) -> dict[str, Any]:
     """Everything the audit templates show, computed once and shared by the HTML and Markdown renderings.
@@ -917,7 +917,7 @@ def build_context(run_dir: Path, metrics: Mapping[str, Any], predictions: Sequen
     rd_maps = {n: {q["prompt"]: q for q in a["per_prompt"]} for n, a in attributes.items()}
     grids = []
     for p in grid_prompts[:max_grid_prompts]:
-        rows = sorted(by_prompt[p], key=lambda r: (r.get("seed") is None, r.get("seed") or 0))[:images_per_prompt]
+        rows = sorted(by_prompt[p], key=lambda r: (r.get("seed") is None, r.get("seed") or 0))[:grid_images]
         caps = [prediction_caption(r, simple_attrs) for r in rows]
         grids.append({
             "prompt": p, "label": label_of.get(p, p), "n_total": len(by_prompt[p]),
@@ -962,7 +962,7 @@ def build_context(run_dir: Path, metrics: Mapping[str, Any], predictions: Sequen
         "faces": faces, "quality": quality, "summary": summary, "attr_names": list(attributes),
         "attr_labels": [n.replace("_", " × ") for n in attributes],
         "tops": tops, "share_plots": share_plots, "heatmaps": heatmaps, "grids": grids,
-        "grid_omitted": max(0, len(grid_prompts) - max_grid_prompts), "images_per_prompt": images_per_prompt,
+        "grid_omitted": max(0, len(grid_prompts) - max_grid_prompts), "grid_images": grid_images,
         "all_prompts": all_prompts, "template": template, "n_prompts": len(prompts),
         "n_images": run.get("n_images", len(predictions)), "environment": env, "stages": meta.get("stages") or {},
         "config": meta.get("config") or {}, "metrics_info": METRICS,
@@ -981,7 +981,7 @@ def _major(shares: Sequence[Any] | None, classes: Sequence[str]) -> tuple[str, f
 
 
 def write_report(run_dir: str | Path, metrics: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]],
-                 extra_sections: Sequence[Section] = (), *, images_per_prompt: int = GRID_IMAGES,
+                 extra_sections: Sequence[Section] = (), *, grid_images: int = GRID_IMAGES,
                  max_grid_prompts: int = MAX_GRID_PROMPTS, max_plot_prompts: int = MAX_PLOT_PROMPTS) -> None:
     """Write ``run_dir/report.html`` (self-contained) and ``run_dir/report.md``.
 
@@ -996,7 +996,7 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], predictions: S
         metrics: The dict of ``metrics.json``.
         predictions: The rows of ``predictions.json``.
         extra_sections: Sections appended after the built-in ones.
-        images_per_prompt: Images shown per prompt in the grids (the first by seed).
+        grid_images: Images shown per prompt in the grids (the first by seed).
         max_grid_prompts: Prompts with an image grid (most biased first).
         max_plot_prompts: Rows in a per-prompt plot; beyond it the top and bottom halves are drawn.
 
@@ -1006,11 +1006,11 @@ def write_report(run_dir: str | Path, metrics: Mapping[str, Any], predictions: S
     from audit.store import atomic_write_bytes
 
     run_dir = _check_inputs(run_dir, metrics, predictions, extra_sections)
-    for name, v in (("images_per_prompt", images_per_prompt), ("max_grid_prompts", max_grid_prompts),
+    for name, v in (("grid_images", grid_images), ("max_grid_prompts", max_grid_prompts),
                     ("max_plot_prompts", max_plot_prompts)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name != "max_plot_prompts" else 2):
             raise UserError(f"{name}: expected a non-negative integer (>= 2 for plots), got {v!r}")
-    ctx = build_context(run_dir, metrics, predictions, extra_sections, images_per_prompt, max_grid_prompts,
+    ctx = build_context(run_dir, metrics, predictions, extra_sections, grid_images, max_grid_prompts,
                         max_plot_prompts)
     html = render_html("audit.html.j2", **ctx)
     md = render_markdown("audit.md.j2", **ctx)

@@ -12,44 +12,16 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from audit.config import AuditConfig, MetricsConfig
 from audit.store import RunStore, atomic_write_json, check_writable, content_key
 from generators.base import GeneratedImage
-from generators.config import ConfigError, UserError, option, to_dict
+from generators.config import ConfigError, UserError, to_dict
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-@dataclass
-class MetricsConfig:
-    """How bias is measured from the classifier's outputs."""
-
-    target: dict[str, list[float]] = option(
-        default_factory=dict, help="target shares per attribute (e.g. gender: [0.5, 0.5]); uniform when absent"
-    )
-    interval: Literal["wilson", "jeffreys"] = option("wilson", help="per-class share interval")
-    alpha: float = option(0.05, help="1 - confidence level of every interval")
-    n_boot: int = option(1000, help="bootstrap replicates (prompts, then images within prompts)")
-    seed: int = option(0, help="bootstrap seed")
-    joint: list[list[str]] = option(
-        default_factory=lambda: [["gender", "race"]], help="attribute pairs also measured jointly (8 gender x race cells)"
-    )
-    calibration: str | None = option(
-        None, help="calibration.json from `debias calibrate`: adds confusion-corrected shares"
-    )
-    clip_score: bool = option(True, help="compute the CLIP score between each image and its prompt (quality)")
-
-    def __post_init__(self):
-        if not 0 < self.alpha < 1:
-            raise ConfigError(f"config key 'metrics.alpha': must be in (0, 1), got {self.alpha}")
-        if self.n_boot < 1:
-            raise ConfigError(f"config key 'metrics.n_boot': must be >= 1, got {self.n_boot}")
-        for i, pair in enumerate(self.joint):
-            if len(pair) != 2:
-                raise ConfigError(f"config key 'metrics.joint[{i}]': expected two attribute names, got {pair}")
 
 
 def _hash(obj: Any) -> str:
@@ -226,7 +198,7 @@ def quality_summary(prompts: list[str], records: list[dict], rows: dict[str, dic
             "lower_is_better": False, "per_prompt": per_prompt}
 
 
-def run_audit(config, out: str | Path, images_dir: str | Path | None = None, progress: bool = True,
+def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | None = None, progress: bool = True,
               generator=None, classifier=None, report: bool = True) -> dict[str, Any]:
     """Audit a generator (or a folder of images) into the run folder ``out``; returns the metrics dict.
 
@@ -234,11 +206,12 @@ def run_audit(config, out: str | Path, images_dir: str | Path | None = None, pro
     ``classifier_card.json`` (the classifier's own biases, :mod:`audit.card`; section ``card:`` of the config, on by
     default) and, when prompt sets tag their prompts with groups (region, income, language, ...), per-group tables
     (:mod:`audit.groups`); both are added to ``metrics.json`` (keys ``classifier_card`` and ``groups``) and to the
-    report as extra sections.
+    report as extra sections. ``metrics["run"]`` holds the resolved run settings (:func:`audit.sample.run_settings`:
+    generator identity, sampling settings with their defaults, images per prompt), the same as ``run.json``.
     """
     from audit.card import validate_card_inputs
     from audit.classify import ClipClassifier
-    from audit.pipeline import run_sample, write_run_metadata
+    from audit.sample import run_sample, run_settings, write_run_metadata
 
     out = check_writable(out)
     card_config = config.card
@@ -254,24 +227,23 @@ def run_audit(config, out: str | Path, images_dir: str | Path | None = None, pro
         out.mkdir(parents=True, exist_ok=True)
         store = RunStore(out)
         prompts, keys = import_images(images_dir, store)
-        generator_identity = {"backend": "external", "source": str(Path(images_dir).resolve())}
+        records = store.records(keys)
+        counts = {p: 0 for p in prompts}
+        for r in records:
+            counts[r["prompt"]] += 1
+        settings = run_settings(None, counts, [r["seed"] for r in records], source=str(Path(images_dir).resolve()))
     else:
         store, keys = run_sample(config, out, progress=progress, generator=generator)
         prompts = config.prompts.neutral_prompts()
-        generator_identity = store.get(keys[0])["generator"]
-    records = store.records(keys)
+        records = store.records(keys)
+        settings = run_settings(generator, {p: len(config.seeds) for p in prompts}, config.seeds)
     rows = classify_store(store, records, config.faces, classifier, clip_score=config.metrics.clip_score,
                           progress=progress)
     attributes = compute_metrics(prompts, records, rows, classifier, config.metrics)
     n_face = sum(rows[r["key"]]["face"] for r in records)
     metrics = {
-        "run": {
-            "name": config.name, "generator": generator_identity,
-            "guidance_scale": (generator_identity.get("settings") or {}).get("guidance_scale"),
-            "images_per_prompt": len(records) // max(len(prompts), 1), "n_prompts": len(prompts),
-            "n_images": len(records), "seeds": sorted({r["seed"] for r in records}),
-            "classifier": classifier.identity(), "faces": to_dict(config.faces),
-        },
+        "run": {"name": config.name, **settings, "n_images": len(records), "classifier": classifier.identity(),
+                "faces": to_dict(config.faces)},
         "faces": {"n_images": len(records), "n_faces": int(n_face),
                   "no_face_rate": 1 - n_face / len(records) if records else None, "lower_is_better": True},
         "attributes": attributes,
@@ -297,7 +269,7 @@ def run_audit(config, out: str | Path, images_dir: str | Path | None = None, pro
     atomic_write_json(out / "predictions.json", predictions)
     atomic_write_json(out / "metrics.json", metrics)
     write_run_metadata(out, config, " ".join(sys.argv), "audit",
-                       {"gender_rd": attributes.get("gender", {}).get("rd")})
+                       {"gender_rd": attributes.get("gender", {}).get("rd")}, settings=settings)
     if report:
         from audit.report import write_report
 
@@ -316,7 +288,7 @@ def extra_sections(config, out: Path, metrics: dict[str, Any], classifier, card_
     from audit.groups import group_report, groups_section
 
     sections = []
-    if getattr(config.prompts, "prompt_sets", None):
+    if config.prompts.prompt_sets:
         groups = group_report(metrics, config.prompts.prompt_tags(), config.prompts.group_axes() or None,
                               alpha=config.metrics.alpha, n_boot=config.metrics.n_boot, seed=config.metrics.seed)
         if groups is not None:

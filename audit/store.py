@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -139,46 +138,3 @@ class RunStore:
         """True if the record's PNG exists and has the recorded hash."""
         path = self.root / record["file"]
         return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
-
-
-def seed_blocks(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Group seeds by ``seed // batch_size``: a seed always shares its batch with the same seeds, so resumed,
-    extended and sharded runs compute every image in the same batch composition (byte-identical images)."""
-    blocks: dict[int, list[int]] = {}
-    for s in seeds:
-        blocks.setdefault(int(s) // batch_size, []).append(int(s))
-    return [sorted(b) for _, b in sorted(blocks.items())]
-
-
-def sample_to_store(
-    generator, prompts: Sequence[str], seeds: Sequence[int], store: RunStore, progress: bool = True,
-    process_index: int = 0, num_processes: int = 1,
-) -> list[str]:
-    """Generate every missing ``(prompt, seed)`` image into ``store``; returns the keys of ALL requested images.
-
-    Prompts are sharded over processes (prompt i goes to process ``i % num_processes``); batches never mix prompts
-    and follow :func:`seed_blocks`, so the images do not depend on how many processes ran or when a run resumed.
-    """
-    from tqdm.auto import tqdm
-
-    identity = generator.identity()
-    keys = [content_key(identity, p, s) for p in prompts for s in seeds]
-    todo = []
-    for i, prompt in enumerate(prompts):
-        if i % num_processes != process_index:
-            continue
-        for block in seed_blocks(seeds, generator.config.batch_size):
-            if not all(store.has(content_key(identity, prompt, s)) for s in block):
-                todo.append((prompt, block))
-    bar = tqdm(total=sum(len(b) for _, b in todo), desc="sampling", unit="img", disable=not progress,
-               dynamic_ncols=True)
-    for prompt, block in todo:
-        t0 = time.perf_counter()
-        items = generator.generate([prompt] * len(block), block)
-        per_image = (time.perf_counter() - t0) / len(block)
-        for item in items:
-            if not store.has(content_key(identity, item.prompt, item.seed)):
-                store.put(item, identity, seconds=round(per_image, 4))
-        bar.update(len(block))
-    bar.close()
-    return keys

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from audit.store import RunStore, sample_to_store
+from audit.sample import sample_to_store
+from audit.store import RunStore
 from generators.base import GeneratorConfig
 from generators.diffusers_backend import DiffusersGenerator
 from generators.janus import JanusGenerator

@@ -12,16 +12,19 @@ EXAMPLES = {
     "sample": """
         debias sample --config configs/experiments/smoke-janus.yaml --out runs/smoke
         debias sample --config configs/experiments/smoke-sd.yaml --out runs/sd --images-per-prompt 16
+        debias sample --config configs/experiments/smoke-janus.yaml --out runs/s --set generator.batch_size=2
         accelerate launch --multi_gpu --num_processes 2 -m debias.cli sample --config C --out runs/x
     """,
     "audit": """
         debias audit --config configs/experiments/smoke-janus.yaml --out runs/smoke-janus
         debias audit --config configs/experiments/lab.yaml --out runs/lab --adapter runs/fix/adapter
         debias audit --config configs/experiments/smoke-sd.yaml --images my_images/ --out runs/closed-model
+        debias audit --config configs/experiments/lab.yaml --out runs/g2 --set generator.sampling.guidance_scale=2
     """,
     "synth": """
         debias synth --config configs/experiments/lab.yaml --out runs/lab-synth
         debias synth --config configs/experiments/smoke-janus.yaml --out runs/synth --per-cell 4
+        debias synth --config configs/experiments/lab.yaml --out runs/s --set synth.attribute=race
     """,
     "sweep": """
         debias sweep --config configs/experiments/lab.yaml --out runs/guidance --guidance 1.01 2 4
@@ -37,16 +40,18 @@ EXAMPLES = {
     "locate": """
         debias locate --config configs/experiments/lab.yaml --out runs/lab-locate
         debias locate --config configs/experiments/smoke-janus.yaml --out runs/locate --audit runs/smoke-janus
+        debias locate --config configs/experiments/lab.yaml --out runs/l --set "locate.probes=[controlled]"
     """,
     "train": """
         debias train --config configs/experiments/lab.yaml --out runs/lab-train --set train.dataset=runs/lab-synth/dataset
-        debias train --config configs/experiments/lab.yaml --out runs/t --set train.method=sft --set train.sft.max_steps=50
+        debias train --config configs/experiments/lab.yaml --out runs/t --set method=sft --set sft.max_steps=50
         debias train --config C --out runs/t --set train.num_processes=2          # re-launches under accelerate
         debias train --config C --out runs/t --set train.accelerate_config=deepspeed-zero2
     """,
     "demo": """
         debias demo --out runs/demo                      # the README's main job (lab world, CPU, minutes)
         debias demo --out runs/demo --images-per-prompt 64
+        debias demo --out runs/demo-sft --set train.method=sft
     """,
     "lab": """
         debias lab build --out generators/lab/weights         # rebuild the shipped world (~10 min on 2 cores)
@@ -58,27 +63,37 @@ EXAMPLES = {
     "config": """
         debias config --explain            # every experiment config key with its help text
         debias config --check configs/experiments/smoke-janus.yaml
+        debias config --check configs/experiments/lab.yaml --set generator.sampling.guidance_scale=2
     """,
 }
 
 
-def _sample(args) -> None:
-    from audit.pipeline import run_sample
+def _overrides(args, **sugar) -> dict:
+    """The ``--set KEY=VALUE`` overrides of a command, after its short flags (``sugar``: dotted key -> value)."""
+    from generators.config import parse_sets
+
+    return {**{k: v for k, v in sugar.items() if v is not None}, **parse_sets(args.set)}
+
+
+def _experiment(args, bare: str | None = None, **sugar):
     from debias.config import load_config
 
-    config = load_config(args.config, {"images_per_prompt": args.images_per_prompt})
+    return load_config(args.config, _overrides(args, **sugar), bare=bare)
+
+
+def _sample(args) -> None:
+    from audit.sample import run_sample
+
+    config = _experiment(args, images_per_prompt=args.images_per_prompt)
     store, keys = run_sample(config, args.out, progress=not args.quiet)
     print(f"{len(keys)} images in {store.samples}")
 
 
 def _audit(args) -> None:
     from audit.run import run_audit
-    from debias.config import load_config
 
-    config = load_config(args.config, {"images_per_prompt": args.images_per_prompt})
-    if args.adapter:
-        config.generator.adapter = args.adapter
-        config.generator.merge_adapter = args.merge_adapter
+    config = _experiment(args, images_per_prompt=args.images_per_prompt, **{
+        "generator.adapter": args.adapter, "generator.merge_adapter": True if args.merge_adapter else None})
     metrics = run_audit(config, args.out, images_dir=args.images, progress=not args.quiet)
     for name, block in metrics["attributes"].items():
         lo, hi = block["rd_ci"] if block["rd_ci"] else (None, None)
@@ -88,12 +103,9 @@ def _audit(args) -> None:
 
 
 def _synth(args) -> None:
-    from debias.config import load_config
     from debias.synth import run_synth
 
-    config = load_config(args.config)
-    if args.per_cell is not None:
-        config.synth.per_cell = args.per_cell
+    config = _experiment(args, **{"synth.per_cell": args.per_cell})
     manifest = run_synth(config, args.out, progress=not args.quiet)
     print(f"{manifest['n_rows']} rows ({manifest['attribute']}, {len(manifest['groups'])} groups, "
           f"{manifest['n_prompts']} prompts), acceptance {manifest['acceptance_rate']:.2f}, "
@@ -101,10 +113,9 @@ def _synth(args) -> None:
 
 
 def _sweep(args) -> None:
-    from debias.config import load_config
     from debias.sweep import run_guidance_sweep
 
-    config = load_config(args.config, {"images_per_prompt": args.images_per_prompt})
+    config = _experiment(args, images_per_prompt=args.images_per_prompt)
     table = run_guidance_sweep(config, args.out, args.guidance, progress=not args.quiet)
     print(table["markdown"])
 
@@ -132,10 +143,9 @@ def _locate(args) -> None:
     import json
     from pathlib import Path
 
-    from debias.config import load_config
     from debias.locate.run import run_locate
 
-    config = load_config(args.config)
+    config = _experiment(args)
     audit = json.loads((Path(args.audit) / "metrics.json").read_text()) if args.audit else None
     result = run_locate(config, config.locate, args.out, audit_metrics=audit)
     for line in result.get("summary", {}).get("lines", []):
@@ -145,22 +155,17 @@ def _locate(args) -> None:
 
 def _train(args) -> None:
     from debias.train.launch import main_train
+    from generators.config import to_dict
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. train.sft.max_steps=50")
-        import yaml
-
-        overrides[key] = yaml.safe_load(value)
-    main_train(args.config, args.out, overrides)
+    # `--set method=sft` means train.method: the train section's keys may drop their prefix here.
+    main_train(to_dict(_experiment(args, bare="train")), args.out)
 
 
 def _demo(args) -> None:
     from debias.demo import run_demo
 
-    summary = run_demo(args.out, progress=not args.quiet, images_per_prompt=args.images_per_prompt)
+    summary = run_demo(args.out, progress=not args.quiet,
+                       overrides=_overrides(args, images_per_prompt=args.images_per_prompt))
     b, a, p = summary["before"], summary["after"], summary["planted"]
     print(f"gender RD: planted {p['gender_rd']:.3f}, before {b['gender_rd']:.3f}, after {a['gender_rd']:.3f} "
           f"({summary['gender_rd_ratio']:.0%} of before)")
@@ -177,7 +182,7 @@ def _lab_build(args) -> None:
 def _methods(args) -> None:
     from debias.methods import run_methods
 
-    table = run_methods(args.out, progress=not args.quiet)
+    table = run_methods(args.out, progress=not args.quiet, overrides=_overrides(args))
     print(table["markdown"])
 
 
@@ -186,7 +191,7 @@ def _config(args) -> None:
     from generators.config import explain
 
     if args.check:
-        load_config(args.check)
+        load_config(args.check, _overrides(args))
         print(f"{args.check}: ok")
     else:
         print("\n".join(explain(ExperimentConfig)))
@@ -200,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def sets(p: argparse.ArgumentParser, help: str = "override a config key, e.g. images_per_prompt=16 or "
+                                                       "generator.sampling.guidance_scale=2 (repeatable)") -> None:
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+    def experiment(p: argparse.ArgumentParser, help: str = "experiment YAML (see configs/experiments/)",
+                   set_help: str | None = None) -> None:
+        p.add_argument("--config", required=True, help=help)
+        sets(p, *([set_help] if set_help else []))
+
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="examples:\n" + textwrap.indent(textwrap.dedent(EXAMPLES.get(name, "")).strip(), "  "))
@@ -207,13 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("sample", "sample images per prompt into a resumable run folder", _sample)
-    p.add_argument("--config", required=True, help="experiment YAML (see configs/experiments/)")
+    experiment(p)
     p.add_argument("--out", required=True, help="run folder; re-running resumes it")
     p.add_argument("--images-per-prompt", type=int, default=None, help="override images_per_prompt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = command("audit", "sample (or import) images, classify faces, compute bias metrics and write a report", _audit)
-    p.add_argument("--config", required=True, help="experiment YAML (see configs/experiments/)")
+    experiment(p)
     p.add_argument("--out", required=True, help="run folder; re-running resumes every stage")
     p.add_argument("--images", default=None, help="audit pre-generated images instead of sampling: one sub-folder "
                                                      "per prompt, or a manifest.jsonl with file and prompt")
@@ -224,13 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("synth", "build a classifier-verified, demographically balanced training set with the generator",
                 _synth)
-    p.add_argument("--config", required=True, help="experiment YAML with a synth: section")
+    experiment(p, "experiment YAML with a synth: section")
     p.add_argument("--out", required=True, help="output folder (dataset/, synth.json); re-running resumes")
     p.add_argument("--per-cell", type=int, default=None, help="override synth.per_cell")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = command("sweep", "audit the same prompts and seeds at several guidance scales, one table", _sweep)
-    p.add_argument("--config", required=True, help="experiment YAML")
+    experiment(p)
     p.add_argument("--out", required=True, help="folder; one audit run per scale inside")
     p.add_argument("--guidance", type=float, nargs="+", required=True, help="guidance scales to audit")
     p.add_argument("--images-per-prompt", type=int, default=None, help="override images_per_prompt")
@@ -250,20 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for compare.json / compare.html / compare.md")
 
     p = command("locate", "probe whether bias comes from the language model or the vision side", _locate)
-    p.add_argument("--config", required=True, help="experiment YAML with a locate: section")
+    experiment(p, "experiment YAML with a locate: section")
     p.add_argument("--out", required=True, help="folder for locate.json / locate.html / locate.md")
     p.add_argument("--audit", default=None, help="an audit run folder, for the partial-alignment table")
 
     p = command("train", "fine-tune the language model with LoRA (SFT, balanced preference loss, freq) on TRL",
                 _train)
-    p.add_argument("--config", required=True, help="experiment YAML with generator: and train: sections")
+    experiment(p, "experiment YAML with generator: and train: sections",
+               "override a config key, e.g. train.sft.max_steps=50; train keys may drop 'train.' (method=sft)")
     p.add_argument("--out", default=None, help="run folder (default: train.output_dir); re-running resumes")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. train.sft.max_steps=50 (repeatable)")
 
     p = command("demo", "the whole audit -> locate -> fix -> compare loop on the built-in lab world", _demo)
     p.add_argument("--out", required=True, help="demo folder; re-running resumes")
     p.add_argument("--images-per-prompt", type=int, default=None, help="override the lab config's images per prompt")
+    sets(p, "override a key of the lab experiment config, e.g. train.sft.epochs=4")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = command("lab", "build the lab world (tiny VQ + Janus + CLIP trained on a synthetic world)", _lab_build)
@@ -273,11 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("methods", "compare every fix method on the lab world in one table", _methods)
     p.add_argument("--out", required=True, help="folder; one sub-folder per method")
+    sets(p, "override a key of the lab experiment config, e.g. images_per_prompt=64")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = command("config", "explain or check experiment configs", _config)
     p.add_argument("--explain", action="store_true", help="print every config key with its help (default)")
     p.add_argument("--check", metavar="YAML", help="validate a config file and exit")
+    sets(p, "override a key before checking, e.g. generator.device=cpu")
     return parser
 
 

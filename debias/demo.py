@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from audit.adherence import explicit_adherence
 from audit.metrics import rd
-from audit.prompts import explicit_prompt, groups
 from audit.store import atomic_write_bytes, atomic_write_json, check_writable
-from debias.config import ExperimentConfig, load_config
+from debias.config import load_config
 from generators.resources import configs_dir
 
 DEMO_CONFIG = configs_dir() / "experiments" / "lab.yaml"
@@ -48,34 +48,6 @@ def planted_shares(world: dict, occupation: str) -> dict[str, float]:
     return {"female": world["occupations"][occupation]["p_female"], **world["occupations"][occupation]["race"]}
 
 
-def explicit_adherence(config: ExperimentConfig, out: Path, generator, classifier, images: int,
-                       progress: bool) -> dict[str, Any]:
-    """How often the generator draws the group an explicit prompt asks for ("..., a female"), per attribute.
-
-    Audits the explicit variants of every neutral prompt and reads, for each, the share of the requested class.
-    """
-    from audit.run import run_audit
-
-    cfg = copy.deepcopy(config)
-    variants = {}
-    for neutral in config.prompts.neutral_prompts():
-        for attr in ("gender", "race"):
-            for cls, word in groups(attr).items():
-                variants[explicit_prompt(neutral, word, config.prompts.neutral_word)] = (attr, cls)
-    cfg.prompts.occupations, cfg.prompts.occupations_file = [], None
-    cfg.prompts.prompts, cfg.prompts.limit = list(variants), None
-    cfg.images_per_prompt = images
-    metrics = run_audit(cfg, out, progress=progress, generator=generator, classifier=classifier, report=False)
-    per_attr: dict[str, list[float]] = {"gender": [], "race": []}
-    for attr in per_attr:
-        block = metrics["attributes"][attr]
-        for row in block["per_prompt"]:
-            want_attr, cls = variants[row["prompt"]]
-            if want_attr == attr and row["shares"] is not None:
-                per_attr[attr].append(row["shares"][block["classes"].index(cls)])
-    return {attr: float(np.mean(v)) if v else None for attr, v in per_attr.items()}
-
-
 def measured_vs_planted(metrics: dict, world: dict, occupations: list[str], template: str) -> dict[str, Any]:
     """Per occupation: measured female share and its interval against the planted share."""
     block = metrics["attributes"]["gender"]
@@ -92,8 +64,16 @@ def measured_vs_planted(metrics: dict, world: dict, occupations: list[str], temp
 
 
 def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: bool = True,
-             images_per_prompt: int | None = None) -> dict[str, Any]:
-    """Run the whole loop on the lab world into ``out``; returns (and writes) ``summary.json``."""
+             images_per_prompt: int | None = None, overrides: dict | None = None) -> dict[str, Any]:
+    """Run the whole loop on the lab world into ``out``; returns (and writes) ``summary.json``.
+
+    Args:
+        out: The demo folder; every stage has its own sub-folder and resumes.
+        config_path: The experiment config (default: the lab world's).
+        progress: Progress bars.
+        images_per_prompt: Shorthand for the override of the same key.
+        overrides: Dotted config keys -> values (``debias demo --set``).
+    """
     from audit.classify import ClipClassifier
     from audit.compare import run_compare
     from audit.run import run_audit
@@ -104,7 +84,7 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
     from generators.base import load_generator
 
     out = check_writable(out)
-    config = load_config(config_path, {"images_per_prompt": images_per_prompt})
+    config = load_config(config_path, {"images_per_prompt": images_per_prompt, **(overrides or {})})
     single_thread()
     world = planted(config.generator.model)
     occupations = config.prompts.occupation_list()

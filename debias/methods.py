@@ -11,16 +11,20 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from audit.adherence import explicit_adherence
 from audit.store import atomic_write_bytes, atomic_write_json, check_writable
 from debias.config import load_config
-from debias.demo import DEMO_CONFIG, EXPLICIT_IMAGES, classifier_callable, explicit_adherence, single_thread
+from debias.demo import DEMO_CONFIG, EXPLICIT_IMAGES, classifier_callable, single_thread
 
 METHOD_NAMES = ("sft", "sft+bpo", "bpo", "freq", "sft+freq")
 
 
 def run_methods(out: str | Path, methods: Sequence[str] = METHOD_NAMES, config_path: str | Path = DEMO_CONFIG,
-                progress: bool = True) -> dict[str, Any]:
-    """Train and audit each method; write ``methods.json`` and ``methods.md`` into ``out``."""
+                progress: bool = True, overrides: dict | None = None) -> dict[str, Any]:
+    """Train and audit each method; write ``methods.json`` and ``methods.md`` into ``out``.
+
+    ``overrides`` are dotted config keys -> values applied to the experiment config (``debias methods --set``).
+    """
     from audit.classify import ClipClassifier
     from audit.run import run_audit
     from debias.synth import run_synth
@@ -28,7 +32,7 @@ def run_methods(out: str | Path, methods: Sequence[str] = METHOD_NAMES, config_p
     from generators.base import load_generator
 
     out = check_writable(out)
-    config = load_config(config_path)
+    config = load_config(config_path, overrides)
     single_thread()
     generator = load_generator(config.generator)
     classifier = ClipClassifier(config.classifier)

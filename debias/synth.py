@@ -20,7 +20,8 @@ from typing import Any, Literal
 import numpy as np
 
 from audit.prompts import PromptConfig, explicit_prompt, groups
-from audit.store import RunStore, atomic_write_json, check_writable, sample_to_store
+from audit.sample import sample_to_store
+from audit.store import RunStore, atomic_write_json, check_writable
 from generators.config import ConfigError, UserError, option
 
 

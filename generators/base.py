@@ -3,6 +3,13 @@
 Every backend (one file each in this package) implements :class:`Generator`. Backends are deterministic per seed:
 the image for ``(prompt, seed)`` is the same whatever the batch it was drawn in, so a sampling run can be sharded,
 interrupted and extended without changing any image.
+
+Beyond ``generate``, a backend declares what else it can do in ``capabilities`` (the names in
+:data:`CAPABILITIES`), and callers ask (:func:`require`) instead of probing attributes. Each capability is a small
+set of methods, so a new model family is one file that implements the capabilities its architecture has: an
+image-token model implements ``image_tokens`` and ``token_scores`` (what the controlled-generation probe, the
+synthetic data and the preference trainers need), a model with separable language and vision parts implements
+``components`` (the component swap), and so on.
 """
 
 from __future__ import annotations
@@ -54,11 +61,40 @@ class GeneratorConfig:
             raise ConfigError(f"config key 'generator.batch_size': must be >= 1, got {self.batch_size}")
 
 
+IMAGE_TOKENS = "image_tokens"
+TOKEN_SCORES = "token_scores"
+UNDERSTANDING = "understanding"
+COMPONENTS = "components"
+IMAGE_ENCODERS = "image_encoders"
+
+# What each capability promises: the methods and attributes a backend that declares it implements.
+CAPABILITIES: dict[str, str] = {
+    IMAGE_TOKENS: "discrete image tokens: sample_tokens(prompts, seeds) -> (B, T) ids drawn from each image's own "
+                  "seed, decode(tokens) -> images, encode(prompts), num_image_tokens, codebook_size",
+    TOKEN_SCORES: "teacher-forced scoring of given image tokens: logprobs(prompts, tokens, guidance_scale) -> (B, T), "
+                  "token_distribution(prompts, tokens) -> (B, T, V) sampling distributions",
+    UNDERSTANDING: "answers questions about an image: model and tokenizer in the Janus chat layout, and its "
+                   "image_processor (or None)",
+    COMPONENTS: "separable language and vision sides: components() -> {'language': [...], 'vision': [...]} module "
+                "paths under module_root(), component_roles",
+    IMAGE_ENCODERS: "image encoders to probe: image_encoders() -> {name: description}, "
+                    "embed_images(images, encoder, pool, batch_size) -> (n, d)",
+}
+
+
 @runtime_checkable
 class Generator(Protocol):
-    """What every backend provides. ``identity()`` keys the run store: same identity + prompt + seed = same image."""
+    """What every backend provides. ``identity()`` keys the run store: same identity + prompt + seed = same image.
+
+    Attributes:
+        config: The generator config it was built from.
+        settings: Its backend's sampling settings with every default applied (a dataclass).
+        capabilities: The names of :data:`CAPABILITIES` it implements beyond ``generate``.
+    """
 
     config: GeneratorConfig
+    settings: Any
+    capabilities: frozenset[str]
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[GeneratedImage]:
         """One image per ``(prompts[i], seeds[i])``, computed in batches of ``config.batch_size``."""
@@ -67,6 +103,22 @@ class Generator(Protocol):
     def identity(self) -> dict[str, Any]:
         """JSON-able description of everything that determines the images (model, revision, adapter, settings)."""
         ...
+
+
+def require(generator: Generator, capability: str, needed_by: str) -> None:
+    """Raise a :class:`UserError` unless ``generator`` declares ``capability``.
+
+    Args:
+        generator: The generator a stage is about to use.
+        capability: A name in :data:`CAPABILITIES`.
+        needed_by: What needs it, e.g. ``"the controlled-generation probe"`` (the error starts with it).
+    """
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown capability {capability!r}; known: {', '.join(CAPABILITIES)}")
+    if capability not in generator.capabilities:
+        have = ", ".join(sorted(generator.capabilities)) or "none"
+        raise UserError(f"{needed_by} needs a generator with {capability} ({CAPABILITIES[capability]}); backend "
+                        f"'{generator.config.backend}' ({type(generator).__name__}) has: {have}")
 
 
 GENERATORS: Registry = Registry("generator backend")
@@ -125,6 +177,29 @@ def base_identity(config: GeneratorConfig, settings: Any) -> dict[str, Any]:
         "adapter_hash": directory_hash(config.adapter) if config.adapter else None,
         "settings": to_dict(settings) if dataclasses.is_dataclass(settings) else settings,
     }
+
+
+def images_to_tensor(images: Sequence[Image.Image], size: int, value_range: tuple[float, float] = (0.0, 1.0),
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    """PIL images -> ``(B, 3, size, size)`` float tensor, bicubic-resized; scaled to ``value_range``, or
+    normalised with ``mean``/``std`` (of [0, 1] pixels) when given."""
+    import torch
+
+    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+                    for im in images])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    if mean is not None:
+        return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    lo, hi = value_range
+    return x * (hi - lo) + lo
+
+
+def pool_embeddings(h, pool: str, channels_first: bool):
+    """One vector per image from token outputs ``(B, N, D)`` or conv latents ``(B, D, H, W)``: ``mean`` over
+    tokens / grid cells, or ``flatten`` (keeps the spatial layout)."""
+    if pool == "flatten":
+        return h.flatten(1)
+    return h.mean(dim=(2, 3)) if channels_first else h.mean(dim=1)
 
 
 def to_pil(images: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> list[Image.Image]:

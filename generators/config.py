@@ -3,39 +3,129 @@
 Every config in the toolkit is a dataclass whose fields are declared with :func:`option`. :func:`from_dict` builds
 one from plain data and rejects unknown keys (with a "did you mean") and values of the wrong type, naming the full
 dotted key, so a typo in a YAML file fails before any model is loaded.
+
+Every command reads its config the same way, with :func:`read_config`: the YAML file (:func:`load_yaml`), sections
+given by name replaced by the shipped file they name (:func:`resolve_named`, fields declared with
+``option(named=...)``), then the command line's ``--set KEY=VALUE`` overrides (:func:`parse_sets`,
+:func:`apply_overrides`), then strict validation.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
+
+from generators.errors import ConfigError, UserError, did_you_mean
+from generators.resources import named_config
 
 T = TypeVar("T")
 
 
-class UserError(ValueError):
-    """Bad user input. The CLI prints the message as one line on stderr and exits with code 2."""
+def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+           named: str | None = None) -> Any:
+    """Declare a config field with its ``help`` text (shown by ``debias config --explain`` and in errors).
+
+    Args:
+        default, default_factory: As for :func:`dataclasses.field`.
+        help: One line saying what the field does.
+        named: For a section: the folder of ``configs/`` in which a string value names a shipped YAML file
+            (``generator: janus-pro-1b`` reads ``configs/generators/janus-pro-1b.yaml``); a path to a YAML file
+            works too.
+    """
+    metadata = {"help": help, **({"named": named} if named else {})}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
-class ConfigError(UserError):
-    """A config key is unknown, missing or of the wrong type."""
+def named_section(kind: str, value: Any) -> Any:
+    """A section given as a YAML path or as a name in ``configs/<kind>/`` is replaced by that file's mapping."""
+    if not isinstance(value, str):
+        return value
+    path = Path(value)
+    return load_yaml(path if path.is_file() else named_config(kind, value))
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
-    """Declare a config field with its ``help`` text (shown by ``debias config --explain`` and in errors)."""
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help})
+def resolve_named(cls: type, data: Any) -> Any:
+    """``data`` (a copy) with every section of ``cls`` that is given by name replaced by its file's mapping.
+
+    Runs before overrides, so ``--set generator.device=cpu`` applies to the file ``generator: lab`` names.
+    """
+    if not isinstance(data, dict):
+        return data
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name not in out:
+            continue
+        if f.metadata.get("named"):
+            out[f.name] = named_section(f.metadata["named"], out[f.name])
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(out[f.name], dict):
+            out[f.name] = resolve_named(hints[f.name], out[f.name])
+    return out
 
 
-def did_you_mean(name: str, choices: typing.Iterable[str]) -> str:
-    """Return ``"; did you mean 'x'?"`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """``["train.sft.max_steps=50", ...]`` (the CLI's ``--set``) -> ``{"train.sft.max_steps": 50}``.
+
+    Values are read as YAML (``50`` is an integer, ``[a, b]`` a list, ``null`` None); a value that is not valid YAML
+    is kept as the string it is.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set images_per_prompt=16")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def apply_overrides(data: dict, overrides: Mapping[str, Any] | None) -> dict:
+    """Config data with dotted-key ``overrides`` applied (a copy; ``data`` is not modified).
+
+    Keys are dotted paths from the root (``images_per_prompt``, ``generator.sampling.guidance_scale``). ``None``
+    values are skipped (unset CLI flags); a mapping value is merged into the section it names.
+
+    Raises:
+        ConfigError: when a key runs through a value that is not a section.
+    """
+    data = copy.deepcopy(data)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{key}': '{part}' is not a section (it holds {child!r})")
+            node = child
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return data
+
+
+def read_config(cls: type[T], path: str | Path, overrides: Mapping[str, Any] | None = None) -> T:
+    """Read config ``cls`` from a YAML file: named sections resolved, ``overrides`` applied, strictly validated.
+
+    Args:
+        cls: The config dataclass (e.g. the experiment config).
+        path: The YAML file.
+        overrides: Dotted keys -> values (see :func:`apply_overrides`), e.g. from ``--set``.
+
+    Raises:
+        ConfigError: naming the file or the dotted key, the bad value and the fix.
+    """
+    return from_dict(cls, apply_overrides(resolve_named(cls, load_yaml(path)), overrides))
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -145,7 +235,8 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], dotted + name)
+            value = named_section(f.metadata["named"], data[name]) if f.metadata.get("named") else data[name]
+            kwargs[name] = _coerce(value, hints[name], dotted + name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"config key '{dotted}{name}' is required: {f.metadata.get('help', '')}")
     try:

@@ -11,19 +11,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from generators.base import (
+    COMPONENTS,
+    IMAGE_ENCODERS,
     GeneratedImage,
     GeneratorConfig,
     base_identity,
     check_prompts_and_seeds,
+    images_to_tensor,
     parse_settings,
+    pool_embeddings,
     resolve_device,
     to_pil,
     torch_dtype,
 )
-from generators.config import ConfigError, did_you_mean, option
+from generators.config import ConfigError, UserError, did_you_mean, option
 
 
 @dataclass
@@ -52,6 +57,9 @@ class DiffusersSettings:
 class DiffusersGenerator:
     """Text-to-image diffusion pipelines behind the :class:`generators.base.Generator` protocol.
 
+    Capabilities: separable language (text encoders) and vision (UNet or transformer) sides, and the VAE encoder
+    as an image encoder. No image tokens: latents are continuous.
+
     Args:
         config: ``model`` is a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a local directory, or
             ``tiny`` (a seeded tiny Stable Diffusion pipeline built in-process).
@@ -59,6 +67,10 @@ class DiffusersGenerator:
     """
 
     Settings = DiffusersSettings
+    capabilities = frozenset({COMPONENTS, IMAGE_ENCODERS})
+    component_roles = {"language": "text encoder(s)",
+                       "vision": "the denoiser (UNet or transformer) that turns text features into latents"}
+    ENCODERS = {"vae": "the VAE encoder's latent mean"}
 
     def __init__(self, config: GeneratorConfig, pipeline=None):
         self.config = config
@@ -124,6 +136,37 @@ class DiffusersGenerator:
             for prompt, seed, img in zip(p, s, to_pil(images, value_range=(0.0, 1.0))):
                 out.append(GeneratedImage(prompt=prompt, seed=int(seed), image=img))
         return out
+
+    def components(self) -> dict[str, list[str]]:
+        """Language: the text encoders the pipeline has; vision: its UNet or transformer. The VAE stays at base."""
+        pipe = self.pipeline
+        present = [n for n, c in pipe.components.items() if c is not None]
+        return {"language": [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if n in present],
+                "vision": [n for n in ("unet", "transformer") if n in present]}
+
+    def module_root(self, pipeline=None):
+        """The pipeline whose modules :meth:`components` names: this generator's, or ``pipeline``."""
+        return self.pipeline if pipeline is None else pipeline
+
+    def image_encoders(self) -> dict[str, str]:
+        return dict(self.ENCODERS)
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence, encoder: str, pool: str = "mean", batch_size: int = 32,
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
+        """``(n, d)`` float32 VAE latent means of PIL ``images`` at the pipeline's default size (``mean``/``std``
+        are unused: the VAE reads pixels in [-1, 1])."""
+        if encoder not in self.ENCODERS:
+            raise UserError(f"config key 'locate.vision.encoders': backend '{self.config.backend}' has no encoder "
+                            f"{encoder!r}; available: {list(self.ENCODERS)}")
+        pipe = self.pipeline
+        vae = pipe.vae
+        side = int(pipe.unet.config.sample_size * pipe.vae_scale_factor) if "unet" in pipe.components else 64
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = images_to_tensor(images[i:i + batch_size], side, (-1.0, 1.0)).to(vae.device, vae.dtype)
+            out.append(pool_embeddings(vae.encode(x).latent_dist.mean, pool, channels_first=True).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def identity(self) -> dict:
         return base_identity(self.config, self.settings)

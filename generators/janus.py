@@ -15,22 +15,31 @@ samples the whole batch from the global RNG). ``benchmarks/bench_sampling.py`` m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from generators.base import (
+    COMPONENTS,
+    IMAGE_ENCODERS,
+    IMAGE_TOKENS,
+    TOKEN_SCORES,
+    UNDERSTANDING,
     GeneratedImage,
     GeneratorConfig,
     base_identity,
     check_prompts_and_seeds,
+    images_to_tensor,
     parse_settings,
+    pool_embeddings,
     resolve_device,
     to_pil,
     torch_dtype,
 )
-from generators.config import ConfigError, option
+from generators.config import ConfigError, UserError, option
 
 
 @dataclass
@@ -225,6 +234,10 @@ def sample_image_tokens(
 class JanusGenerator:
     """Janus / Janus-Pro text-to-image generation behind the :class:`generators.base.Generator` protocol.
 
+    Every capability of :data:`generators.base.CAPABILITIES`: image tokens from one causal LM over a VQ codebook,
+    their teacher-forced scores, the understanding (chat) path, separable language and vision sides, and three
+    image encoders (the understanding tower, its aligner, the VQ encoder).
+
     Args:
         config: ``model`` is a hub id (e.g. ``deepseek-community/Janus-Pro-1B``), a local directory, or ``tiny``
             (a seeded tiny model built in-process).
@@ -232,6 +245,23 @@ class JanusGenerator:
     """
 
     Settings = JanusSettings
+    capabilities = frozenset({IMAGE_TOKENS, TOKEN_SCORES, UNDERSTANDING, COMPONENTS, IMAGE_ENCODERS})
+    # Language side: everything that decides the image tokens; vision side: the VQ tokenizer/decoder that turns
+    # them into pixels. The understanding tower (model.vision_model, model.aligner) plays no part in generation.
+    COMPONENTS = {
+        "language": ["model.language_model", "model.generation_embeddings", "model.generation_aligner",
+                     "model.generation_head", "lm_head"],
+        "vision": ["model.vqmodel"],
+    }
+    component_roles = {
+        "language": "modules that decide the image tokens (language model and generation embeddings/head)",
+        "vision": "the VQ tokenizer/decoder that turns image tokens into pixels",
+    }
+    ENCODERS = {
+        "vision": "understanding vision tower (model.vision_model), last hidden state",
+        "aligned": "understanding tower after the aligner (what the language model reads)",
+        "vq": "generation VQ encoder (vqmodel.encoder + quant_conv), pre-quantisation latents",
+    }
 
     def __init__(self, config: GeneratorConfig, model=None, tokenizer=None):
         self.config = config
@@ -250,6 +280,20 @@ class JanusGenerator:
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.ids = SpecialIds.of(unwrap(self.model), tokenizer)
+        self.image_processor = self._image_processor(config.model)
+
+    @staticmethod
+    def _image_processor(model: str):
+        """The model folder's own image processor (the understanding path's normalisation), or None."""
+        path = Path(model or "")
+        if not any((path / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+            return None
+        from transformers import AutoImageProcessor
+
+        try:
+            return AutoImageProcessor.from_pretrained(str(path))
+        except (OSError, ValueError):  # a folder without a loadable image processor: callers use the default
+            return None
 
     @staticmethod
     def _load(config: GeneratorConfig):
@@ -301,6 +345,73 @@ class JanusGenerator:
         return image_token_logprobs(self.model, input_ids.to(self.device), mask.to(self.device),
                                     image_tokens.to(self.device), self.ids, guidance_scale,
                                     self.settings.temperature)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(unwrap(self.model).config.vq_config.num_embeddings)
+
+    @torch.no_grad()
+    def token_distribution(self, prompts: Sequence[str], image_tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, T, V)``: at each position, the distribution the sampler draws that token from, teacher-forced on
+        the given prefix (the configured guidance, temperature, top-k and top-p; one-hot of the argmax if greedy)."""
+        s = self.settings
+        input_ids, mask = self.encode(prompts)
+        tokens = image_tokens.to(self.device)
+        logits = image_logits(self.model, input_ids.to(self.device), mask.to(self.device), tokens, self.ids,
+                              s.guidance_scale).float()
+        if not s.do_sample:
+            return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return _filter(logits / s.temperature, s.top_k, s.top_p).softmax(-1)
+
+    def components(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in self.COMPONENTS.items()}
+
+    def module_root(self, model=None):
+        """The Janus model whose modules :meth:`components` names: this generator's, or ``model`` (a generator's
+        model of the same architecture; an unmerged PEFT model is merged into a copy)."""
+        if model is None:
+            return unwrap(self.model)
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            import copy
+
+            return copy.deepcopy(model).merge_and_unload()
+        return model
+
+    def image_encoders(self) -> dict[str, str]:
+        return dict(self.ENCODERS)
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence, encoder: str, pool: str = "mean", batch_size: int = 32,
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
+        """``(n, d)`` float32 embeddings of PIL ``images`` from one of :meth:`image_encoders`.
+
+        ``mean``/``std`` normalise the understanding tower's input (default 0.5 / 0.5, Janus-Pro's processor); the
+        VQ encoder reads pixels in [-1, 1] at its decoded side.
+        """
+        if encoder not in self.ENCODERS:
+            raise UserError(f"config key 'locate.vision.encoders': backend '{self.config.backend}' has no encoder "
+                            f"{encoder!r}; available: {list(self.ENCODERS)}")
+        root = unwrap(self.model)
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            if encoder in ("vision", "aligned"):
+                vm = root.model.vision_model
+                x = images_to_tensor(chunk, vm.config.image_size, mean=list(mean or [0.5] * 3),
+                                     std=list(std or [0.5] * 3)).to(vm.device, vm.dtype)
+                h = vm(pixel_values=x).last_hidden_state
+                if encoder == "aligned":
+                    h = root.model.aligner(h)
+                e = pool_embeddings(h, pool, channels_first=False)
+            else:
+                vq = root.model.vqmodel
+                side = vq.config.num_patches * 2 ** (len(vq.config.channel_multiplier) - 1)
+                x = images_to_tensor(chunk, side, (-1.0, 1.0)).to(vq.device, vq.dtype)
+                e = pool_embeddings(vq.quant_conv(vq.encoder(x)), pool, channels_first=True)
+            out.append(e.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def identity(self) -> dict:
         return base_identity(self.config, self.settings)

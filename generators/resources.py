@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from generators.config import ConfigError, did_you_mean
+from generators.errors import ConfigError, did_you_mean
 
 
 def configs_dir() -> Path:

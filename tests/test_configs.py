@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from debias.config import load_config, named_section
+from debias.config import load_config
 from generators.base import GENERATORS, GeneratorConfig, parse_settings
-from generators.config import ConfigError, from_dict, load_yaml
+from generators.config import ConfigError, from_dict, load_yaml, named_section
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from audit.classify import ClassifierConfig
+from audit.config import MetricsConfig
 from audit.faces import FaceConfig
 from audit.prompts import PromptConfig
-from audit.run import MetricsConfig
-from debias.config import ExperimentConfig
-from debias.locate import LocateConfig, load_locate_config, run_locate
+from debias.config import ExperimentConfig, load_config
+from debias.locate import LocateConfig, run_locate
 from debias.locate.controlled import (
     ControlledConfig, code_histogram, controlled_probe, divergence, hit_rate, jsd, majority, majority_from_audit,
 )
@@ -398,7 +398,8 @@ def test_component_swap_on_a_diffusion_pipeline(tmp_path):
 def test_run_locate_smoke_janus_end_to_end_and_reports_escape(tmp_path, repo_root):
     from generators.tiny import tiny_janus
 
-    exp, locate = load_locate_config(repo_root / "configs/experiments/locate-smoke-janus.yaml")
+    exp = load_config(repo_root / "configs/experiments/locate-smoke-janus.yaml")
+    locate = exp.locate
     exp.prompts = PromptConfig(occupations=["nurse", "<script>alert(1)</script>"])
     exp.images_per_prompt = 4
     exp.metrics.n_boot = 20
@@ -450,7 +451,8 @@ def test_sections_escape_model_answers():
 
 @pytest.mark.parametrize("name", ["locate-smoke-janus", "locate-lab"])
 def test_shipped_locate_configs_validate(repo_root, name):
-    exp, locate = load_locate_config(repo_root / "configs" / "experiments" / f"{name}.yaml")
+    exp = load_config(repo_root / "configs" / "experiments" / f"{name}.yaml")
+    locate = exp.locate
     assert exp.prompts.neutral_prompts() and locate.probes
 
 

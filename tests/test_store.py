@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from audit.pipeline import run_sample
-from audit.store import RunStore, seed_blocks
+from audit.sample import run_sample, seed_blocks
+from audit.store import RunStore
 from debias.config import load_config
 
 SMOKE = {

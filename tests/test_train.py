@@ -398,20 +398,30 @@ def test_representation_disparity_matches_the_paper_definition():
 # ---------------------------------------------------------------------------------------------------- launch
 
 
-def test_overrides_apply_dotted_and_bare_train_keys():
-    from debias.train.launch import apply_overrides
+def test_overrides_apply_dotted_and_bare_train_keys(tmp_path):
+    from debias.config import load_config
+    from generators.config import apply_overrides
 
     data = {"generator": {"backend": "janus"}, "train": {"sft": {"max_steps": 5}}}
-    out = apply_overrides(data, {"train.sft.max_steps": 2, "method": "sft", "dataset": None,
+    out = apply_overrides(data, {"train.sft.max_steps": 2, "train.method": "sft", "train.dataset": None,
                                  "generator.device": "cpu"})
     assert out == {"generator": {"backend": "janus", "device": "cpu"}, "train": {"sft": {"max_steps": 2},
                                                                                  "method": "sft"}}
     assert data["train"]["sft"]["max_steps"] == 5  # the input is not modified
+    # `debias train --set method=sft`: keys of the train section may drop their prefix.
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"generator": {"backend": "janus", "model": "tiny"},
+                                    "train": {"sft": {"max_steps": 5}}}))
+    config = load_config(path, {"sft.max_steps": 2, "method": "sft", "dataset": None, "generator.device": "cpu"},
+                         bare="train")
+    assert (config.train.sft.max_steps, config.train.method, config.generator.device) == (2, "sft", "cpu")
 
 
 def test_main_train_relaunches_two_processes_under_accelerate(dataset_dir, tmp_path, monkeypatch):
     """`accelerate launch --multi_gpu --num_processes 2` on the CPU (torchrun + gloo)."""
-    from debias.train.launch import launch_command, load_train_configs, main_train
+    from debias.config import load_config
+    from debias.train.launch import launch_command, main_train
+    from generators.config import to_dict
 
     config_path = tmp_path / "train.yaml"
     config_path.write_text(yaml.safe_dump({
@@ -420,11 +430,11 @@ def test_main_train_relaunches_two_processes_under_accelerate(dataset_dir, tmp_p
                   "lora": {"r": 2, "alpha": 2}, "sft": {"max_steps": 2, "learning_rate": 1e-3},
                   "num_processes": 2, "accelerate_config": "multi-gpu-ddp"},
     }))
-    _, train, _ = load_train_configs(config_path)
-    command = launch_command(train, config_path, tmp_path / "out", {})
+    config = load_config(config_path)
+    command = launch_command(config.train, tmp_path / "experiment.json", tmp_path / "out")
     assert "--config_file" in command and command[command.index("--num_processes") + 1] == "2"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each of the 2 processes: one thread (2 cores)
-    main_train(str(config_path), str(tmp_path / "out"), {})
+    main_train(to_dict(config), str(tmp_path / "out"))
     info = json.loads((tmp_path / "out" / "sft" / "adapter" / "train_info.json").read_text())
     assert info["world_size"] == 2 and info["global_step"] == 2
     assert (tmp_path / "out" / "sft" / "adapter" / "adapter_model.safetensors").is_file()

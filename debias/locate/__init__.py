@@ -12,6 +12,6 @@ Four probes, each usable alone from Python and gathered by ``debias locate`` (:f
 :mod:`debias.locate.groundtruth` builds a tiny Janus with a planted language-side skew to check them against.
 """
 
-from debias.locate.run import PROBES, LocateConfig, load_locate_config, run_locate
+from debias.locate.run import PROBES, LocateConfig, run_locate
 
-__all__ = ["PROBES", "LocateConfig", "load_locate_config", "run_locate"]
+__all__ = ["PROBES", "LocateConfig", "run_locate"]

@@ -11,8 +11,7 @@ Output folder::
     OUT/swap/<cell>/       the four audited cells of the component swap
 
 Config: the experiment (generator, prompts, images_per_prompt, classifier, metrics) plus a ``locate`` section
-(:class:`LocateConfig`); :func:`load_locate_config` reads both from one YAML file (see
-``configs/experiments/locate-smoke-janus.yaml``).
+(:class:`LocateConfig`), both in one experiment YAML (see ``configs/experiments/locate-smoke-janus.yaml``).
 """
 
 from __future__ import annotations
@@ -63,14 +62,6 @@ class LocateConfig:
                                   f"use {list(PROBES)}")
         if len(set(self.probes)) != len(self.probes):
             raise ConfigError(f"config key 'locate.probes': a probe is listed twice in {self.probes}")
-
-
-def load_locate_config(path: str | Path, overrides: Mapping[str, Any] | None = None):
-    """Read an experiment YAML and return ``(ExperimentConfig, LocateConfig)`` (its ``locate:`` section)."""
-    from debias.config import load_config
-
-    config = load_config(path, dict(overrides or {}))
-    return config, config.locate
 
 
 def _read_audit(source: str) -> dict:
@@ -151,7 +142,7 @@ def run_locate(experiment_config, locate_config: LocateConfig | Mapping | None, 
     Raises:
         UserError: bad config or input, checked before anything is written.
     """
-    from audit.pipeline import write_run_metadata
+    from audit.sample import write_run_metadata
     from audit.run import run_audit
     from audit.store import atomic_write_json, check_writable
     from debias.locate import report
@@ -221,4 +212,4 @@ def run_locate(experiment_config, locate_config: LocateConfig | Mapping | None, 
     return summary
 
 
-__all__ = ["LocateConfig", "PROBES", "load_locate_config", "run_locate"]
+__all__ = ["LocateConfig", "PROBES", "run_locate"]

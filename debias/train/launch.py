@@ -1,12 +1,13 @@
 """Entry point of ``debias train``: train in-process on one device, or re-launch under ``accelerate launch``.
 
-``main_train`` reads the experiment YAML (``generator:`` and ``train:`` sections), applies overrides, and
+``main_train`` takes the resolved experiment (``generator:`` and ``train:`` sections; the CLI reads the YAML and its
+``--set`` overrides), and
 
 * trains in this process (:func:`debias.train.run.run_train`) when ``train.num_processes`` is 1 and no
   ``train.accelerate_config`` is named, or when it already runs under a launcher (``accelerate launch``, ``torchrun``);
 * otherwise checks the inputs here (so a bad config fails before any process starts) and runs
   ``accelerate launch --config_file configs/accelerate/<name>.yaml --num_processes N -m debias.train.launch ...``,
-  which calls ``main_train`` again in every process.
+  which calls ``main_train`` again in every process on the same resolved config (a JSON file).
 
 Without a GPU, two processes work with the ``multi-gpu-ddp`` config (torchrun + gloo on the CPU); accelerate's
 ``--cpu --num_processes 2`` silently runs one process, so it is not used.
@@ -15,65 +16,30 @@ Without a GPU, two processes work with the ``multi-gpu-ddp`` config (torchrun + 
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any, Mapping
 
 from debias.train.config import TrainConfig
-from generators.config import ConfigError, UserError, from_dict, load_yaml
+from generators.base import GeneratorConfig
+from generators.config import ConfigError, UserError, from_dict
 
 CHILD_ENV = "DEBIAS_TRAIN_LAUNCHED"
 
 
-def apply_overrides(data: dict, overrides: dict | None) -> dict:
-    """Experiment data with ``overrides`` applied (a copy).
-
-    Keys are dotted paths from the YAML root (``train.sft.max_steps``, ``generator.device``); a key whose first part
-    is not a section of the file but is a ``train`` field (``method``, ``dataset``, ...) means ``train.<key>``.
-    ``None`` values are ignored (unset CLI flags); dict values are merged into the section.
-    """
-    import dataclasses
-
-    data = copy.deepcopy(data)
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        parts = key.split(".")
-        if parts[0] not in data and parts[0] in train_fields:
-            parts = ["train", *parts]
-        node = data
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override '{key}': '{part}' is not a section (it holds {child!r})")
-            node = child
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            node[parts[-1]].update(value)
-        else:
-            node[parts[-1]] = value
-    return data
-
-
-def load_train_configs(config_path: str | Path, overrides: dict | None = None):
-    """``(data, TrainConfig, GeneratorConfig)`` from an experiment YAML plus overrides, strictly validated."""
-    from generators.base import GeneratorConfig
-
-    data = apply_overrides(load_yaml(config_path), overrides)
-    if "generator" not in data:
-        raise ConfigError(f"config file '{config_path}': the 'generator' section is required (the model to train)")
-    if isinstance(data["generator"], str):  # a name in configs/generators/ or a YAML path, as in every experiment
-        from debias.config import named_section
-
-        data["generator"] = named_section("generators", data["generator"])
-    generator = from_dict(GeneratorConfig, data["generator"], prefix="generator")
-    train = from_dict(TrainConfig, data.get("train") or {}, prefix="train")
-    return data, train, generator
+def train_sections(data: Mapping[str, Any]) -> tuple[TrainConfig, GeneratorConfig]:
+    """The ``train:`` and ``generator:`` sections of a resolved experiment (``to_dict`` of the experiment config)."""
+    if not isinstance(data.get("generator"), Mapping):
+        raise ConfigError("config key 'generator' is required: the model to train (a mapping or a name in "
+                          "configs/generators/)")
+    return (from_dict(TrainConfig, data.get("train") or {}, prefix="train"),
+            from_dict(GeneratorConfig, data["generator"], prefix="generator"))
 
 
 def resolve_accelerate_config(name: str) -> Path:
@@ -95,7 +61,7 @@ def resolve_accelerate_config(name: str) -> Path:
     )
 
 
-def build_classifier(train: TrainConfig, data: dict):
+def build_classifier(train: TrainConfig, data: Mapping[str, Any]):
     """The classify callable named by ``train.classifier`` (``'module:function'``, called with the experiment data)."""
     if not train.classifier:
         return None
@@ -117,8 +83,15 @@ def under_launcher() -> bool:
     return bool(os.environ.get(CHILD_ENV)) or "LOCAL_RANK" in os.environ
 
 
-def launch_command(train: TrainConfig, config_path: str | Path, out: str | Path, overrides: dict | None) -> list[str]:
-    """The ``accelerate launch ... -m debias.train.launch ...`` command line for this training."""
+def launch_command(train: TrainConfig, resolved: str | Path, out: str | Path) -> list[str]:
+    """The ``accelerate launch ... -m debias.train.launch ...`` command line for this training.
+
+    Args:
+        train: The ``train:`` section (processes, accelerate config, precision).
+        resolved: JSON file of the resolved experiment every process reads (so all of them train on exactly the
+            config the parent validated).
+        out: The run folder.
+    """
     config_file = resolve_accelerate_config(train.accelerate_config or (
         "multi-gpu-ddp" if train.num_processes > 1 else "single-gpu"))
     # The accelerate of this interpreter's environment first (a venv not on PATH), then PATH, then the module.
@@ -129,18 +102,17 @@ def launch_command(train: TrainConfig, config_path: str | Path, out: str | Path,
     return [
         *accelerate, "--config_file", str(config_file), "--num_processes", str(train.num_processes),
         "--mixed_precision", precision,
-        "-m", "debias.train.launch", "--config", str(Path(config_path).resolve()), "--out", str(Path(out).resolve()),
-        "--overrides", json.dumps(overrides or {}),
+        "-m", "debias.train.launch", "--resolved", str(Path(resolved).resolve()), "--out", str(Path(out).resolve()),
     ]
 
 
-def main_train(config_path: str, out: str | None, overrides: dict) -> None:
-    """Train as the experiment config's ``train:`` section says (the ``debias train`` command).
+def main_train(data: Mapping[str, Any], out: str | None) -> None:
+    """Train as the experiment's ``train:`` section says (the ``debias train`` command).
 
     Args:
-        config_path: experiment YAML with ``generator:`` and ``train:`` sections.
+        data: The resolved experiment config as plain data (``to_dict`` of :class:`debias.config.ExperimentConfig`,
+            named sections and ``--set`` overrides applied); the ``train.classifier`` factory receives it.
         out: run folder; ``None`` uses ``train.output_dir``.
-        overrides: dotted keys -> values applied to the YAML first (see :func:`apply_overrides`).
 
     Raises:
         UserError: on bad input (before any process starts or anything is written), or when the launched
@@ -149,7 +121,7 @@ def main_train(config_path: str, out: str | None, overrides: dict) -> None:
     """
     from debias.train.run import plan_training, run_train
 
-    data, train, generator = load_train_configs(config_path, overrides)
+    train, generator = train_sections(data)
     out = out or train.output_dir
     if not out:
         raise UserError("no run folder: pass --out or set config key 'train.output_dir'")
@@ -162,9 +134,11 @@ def main_train(config_path: str, out: str | None, overrides: dict) -> None:
     # The classifier is only imported here (each process builds its own); a stand-in marks it as available.
     factory = _classifier_factory(train) if train.classifier else None
     plan_training(train, generator, out, classify=factory, load_model=False)
-    command = launch_command(train, config_path, out, overrides)
-    env = {**os.environ, CHILD_ENV: "1"}
-    rc = subprocess.run(command, env=env).returncode
+    with tempfile.TemporaryDirectory(prefix="debias-train-") as tmp:
+        resolved = Path(tmp) / "experiment.json"
+        resolved.write_text(json.dumps(dict(data), default=str))
+        command = launch_command(train, resolved, out)
+        rc = subprocess.run(command, env={**os.environ, CHILD_ENV: "1"}).returncode
     if rc == 2:
         raise UserError("training under accelerate launch stopped on bad input (see the messages above)")
     if rc != 0:
@@ -172,14 +146,13 @@ def main_train(config_path: str, out: str | None, overrides: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m debias.train.launch --config C --out O [--overrides JSON]`` (what ``accelerate launch`` runs)."""
+    """``python -m debias.train.launch --resolved JSON --out O`` (what ``accelerate launch`` runs in each process)."""
     parser = argparse.ArgumentParser(prog="python -m debias.train.launch", description=main.__doc__)
-    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--resolved", required=True, help="JSON file of the resolved experiment config")
     parser.add_argument("--out", default=None, help="run folder")
-    parser.add_argument("--overrides", default="{}", help="JSON object of dotted config keys")
     args = parser.parse_args(argv)
     try:
-        main_train(args.config, args.out, json.loads(args.overrides))
+        main_train(json.loads(Path(args.resolved).read_text()), args.out)
     except UserError as err:
         print(f"debias train: error: {err}", file=sys.stderr)
         return 2

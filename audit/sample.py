@@ -1,0 +1,143 @@
+"""Sampling into a run folder: the first stage of every audit, and what synth and the card sample with.
+
+Batches never mix prompts and follow :func:`seed_blocks`, so an image is computed in the same batch composition
+whatever the number of processes, the resume point or the seeds added later: its bytes do not change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from audit.store import RunStore, atomic_write_bytes, atomic_write_json, check_writable, content_key, environment
+from generators.base import Generator, load_generator
+from generators.config import to_dict
+
+
+def distributed_state():
+    """``(process_index, num_processes, is_main, barrier)``; uses accelerate only under a multi-process launch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes, state.is_main_process, state.wait_for_everyone
+    return 0, 1, True, lambda: None
+
+
+def run_settings(generator: Generator | None, counts: dict[str, int], seeds: Sequence[int],
+                 source: str | None = None) -> dict[str, Any]:
+    """The resolved settings of a run, recorded once in ``run.json`` and copied into ``metrics.json``.
+
+    Args:
+        generator: The loaded generator (its identity holds the sampling settings with every default applied), or
+            None for images made elsewhere.
+        counts: Prompt -> images requested (sampled) or found (imported), in prompt order.
+        seeds: The seeds of the run.
+        source: For imported images, the folder they came from.
+
+    Returns:
+        ``generator`` (identity), ``sampling`` (resolved backend settings), ``guidance_scale``, ``n_prompts``,
+        ``images_per_prompt`` (the common count, or None when prompts differ: see ``images_by_prompt``),
+        ``images_by_prompt`` and ``seeds``.
+    """
+    identity = generator.identity() if generator is not None else {"backend": "external", "source": source}
+    sampling = identity.get("settings") or {}
+    per_prompt = set(counts.values())
+    return {
+        "generator": identity, "sampling": sampling, "guidance_scale": sampling.get("guidance_scale"),
+        "n_prompts": len(counts), "images_per_prompt": per_prompt.pop() if len(per_prompt) == 1 else None,
+        "images_by_prompt": dict(counts), "seeds": sorted({int(s) for s in seeds}),
+    }
+
+
+def write_run_metadata(out: Path, config: Any, command: str, stage: str, extra: dict | None = None,
+                       settings: dict | None = None) -> None:
+    """Record the config, the resolved run ``settings``, versions and git revision; keeps earlier stages."""
+    meta_path = out / "run.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"stages": {}}
+    meta.update({"config": to_dict(config), "environment": environment()})
+    if settings is not None:
+        meta["settings"] = settings
+    meta["stages"][stage] = {"command": command, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
+    atomic_write_json(meta_path, meta)
+    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+
+
+def run_sample(config, out: str | Path, progress: bool = True, generator=None) -> tuple[RunStore, list[str]]:
+    """Stage 1 of every audit: sample ``config.images_per_prompt`` images per prompt into ``out``.
+
+    Validates the config and the output directory and loads the model before creating anything, so bad input
+    leaves nothing behind. Re-running skips existing images; more seeds sample only the new ones.
+
+    Args:
+        config: An :class:`audit.config.AuditConfig` (or a config extending it).
+        out: The run folder.
+        progress: Show a progress bar.
+        generator: An already loaded generator of ``config.generator``.
+
+    Returns:
+        ``(store, keys)`` with the keys of all requested images, in prompt-major, seed-minor order. The resolved
+        run settings (:func:`run_settings`) are recorded in ``run.json``.
+    """
+    out = check_writable(out)
+    prompts = config.prompts.neutral_prompts()
+    generator = generator or load_generator(config.generator)
+    rank, world, is_main, barrier = distributed_state()
+    out.mkdir(parents=True, exist_ok=True)
+    store = RunStore(out)
+    keys = sample_to_store(generator, prompts, config.seeds, store, progress=progress and is_main,
+                           process_index=rank, num_processes=world)
+    barrier()
+    if is_main:
+        write_run_metadata(out, config, " ".join(sys.argv), "sample", {"images": len(keys)},
+                           settings=run_settings(generator, {p: len(config.seeds) for p in prompts}, config.seeds))
+    return store, keys
+
+
+def seed_blocks(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Group seeds by ``seed // batch_size``: a seed always shares its batch with the same seeds, so resumed,
+    extended and sharded runs compute every image in the same batch composition (byte-identical images)."""
+    blocks: dict[int, list[int]] = {}
+    for s in seeds:
+        blocks.setdefault(int(s) // batch_size, []).append(int(s))
+    return [sorted(b) for _, b in sorted(blocks.items())]
+
+
+def sample_to_store(
+    generator, prompts: Sequence[str], seeds: Sequence[int], store: RunStore, progress: bool = True,
+    process_index: int = 0, num_processes: int = 1,
+) -> list[str]:
+    """Generate every missing ``(prompt, seed)`` image into ``store``; returns the keys of ALL requested images.
+
+    Prompts are sharded over processes (prompt i goes to process ``i % num_processes``); batches never mix prompts
+    and follow :func:`seed_blocks`, so the images do not depend on how many processes ran or when a run resumed.
+    """
+    from tqdm.auto import tqdm
+
+    identity = generator.identity()
+    keys = [content_key(identity, p, s) for p in prompts for s in seeds]
+    todo = []
+    for i, prompt in enumerate(prompts):
+        if i % num_processes != process_index:
+            continue
+        for block in seed_blocks(seeds, generator.config.batch_size):
+            if not all(store.has(content_key(identity, prompt, s)) for s in block):
+                todo.append((prompt, block))
+    bar = tqdm(total=sum(len(b) for _, b in todo), desc="sampling", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    for prompt, block in todo:
+        t0 = time.perf_counter()
+        items = generator.generate([prompt] * len(block), block)
+        per_image = (time.perf_counter() - t0) / len(block)
+        for item in items:
+            if not store.has(content_key(identity, item.prompt, item.seed)):
+                store.put(item, identity, seconds=round(per_image, 4))
+        bar.update(len(block))
+    bar.close()
+    return keys
