@@ -62,7 +62,7 @@ def run_variant(variant: str, args) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from generators.janus import SpecialIds
+    from generators.janus_sequence import SpecialIds
 
     torch.set_num_threads(args.threads)
     model, tokenizer = _model(args)

@@ -1,15 +1,8 @@
 """Janus / Janus-Pro backend (`transformers.JanusForConditionalGeneration`).
 
-Sequence convention, shared by sampling, the teacher-forced log-prob path, the trainers and the lab world:
-``[bos] + tokens(prompt) + [boi]`` followed by the image tokens; batches are left-padded with attention 0 on the
-padding and ``position_ids = cumsum(attention_mask) - 1``. Classifier-free guidance uses an unconditional row in
-which every token but bos/boi is replaced by pad (attention kept), as transformers' own ``generate`` does, and
-combines raw logits as ``uncond + g * (cond - uncond)``.
-
-Sampling runs its own cached decoding loop instead of ``model.generate``: each image draws its random numbers
-from a generator seeded with its own seed, so an image does not depend on the batch it was drawn in (``generate``
-samples the whole batch from the global RNG). ``benchmarks/bench_sampling.py`` measures the cost against
-``model.generate`` on the same model and batch.
+The sequence layout (prompt rows, left padding, positions, classifier-free guidance rows, teacher-forced image
+logits, per-image seeded sampling) lives in :mod:`generators.janus_sequence`; this module is the backend class and
+its sampling settings.
 """
 
 from __future__ import annotations
@@ -20,7 +13,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from generators.base import (
     COMPONENTS,
@@ -40,6 +32,9 @@ from generators.base import (
     torch_dtype,
 )
 from generators.config import ConfigError, UserError, option
+from generators.janus_sequence import (
+    SpecialIds, encode_prompts, filter_logits, image_logits, image_token_logprobs, sample_image_tokens, unwrap,
+)
 
 
 @dataclass
@@ -72,163 +67,6 @@ class JanusSettings:
                 f"config key 'generator.sampling.prompt_template': {self.prompt_template!r} has no '{{prompt}}'; "
                 "add the placeholder where the prompt goes"
             )
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    bos: int
-    pad: int
-    boi: int
-
-    @classmethod
-    def of(cls, model, tokenizer) -> "SpecialIds":
-        gen = model.generation_config
-        kwargs = getattr(gen, "generation_kwargs", None) or {}
-        boi = kwargs.get("boi_token_id")
-        if boi is None:
-            boi = tokenizer.convert_tokens_to_ids(getattr(tokenizer, "boi_token", "<begin_of_image>"))
-        bos = gen.bos_token_id if gen.bos_token_id is not None else tokenizer.bos_token_id
-        pad = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
-        return cls(bos=int(bos), pad=int(pad), boi=int(boi))
-
-
-def unwrap(model):
-    """The Janus model under a PEFT wrapper (LoRA layers are injected in place, so they stay active)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], ids: SpecialIds, template: str = "{prompt}"):
-    """Tokenise ``[bos] + prompt + [boi]`` for each prompt, left-padded. Returns ``(input_ids, attention_mask)``."""
-    rows = [
-        [ids.bos, *tokenizer(template.format(prompt=p), add_special_tokens=False).input_ids, ids.boi]
-        for p in prompts
-    ]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), ids.pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return input_ids, mask
-
-
-def unconditional(input_ids: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
-    """The CFG unconditional rows: every token but bos/boi replaced by pad (the mask is kept as is)."""
-    keep = (input_ids == ids.bos) | (input_ids == ids.boi)
-    return input_ids.masked_fill(~keep, ids.pad)
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def image_logits(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor,
-    ids: SpecialIds | None = None, guidance_scale: float = 1.0,
-) -> torch.Tensor:
-    """Teacher-forced logits over the image codebook for each given image token.
-
-    Args:
-        model: ``JanusForConditionalGeneration`` (optionally PEFT-wrapped; gradients flow to LoRA weights).
-        input_ids, attention_mask: ``(B, Lp)`` prompts from :func:`encode_prompts`.
-        image_tokens: ``(B, T)`` codebook ids.
-        ids: special token ids; needed when ``guidance_scale != 1``.
-        guidance_scale: 1 gives the conditional logits; otherwise ``uncond + g * (cond - uncond)`` as in sampling.
-
-    Returns:
-        ``(B, T, codebook)`` logits; row t scores image token t given the prompt and tokens ``< t``.
-    """
-    janus = unwrap(model)
-    cfg = guidance_scale != 1.0
-    if cfg:
-        if ids is None:
-            raise ValueError("image_logits: pass `ids` (SpecialIds) when guidance_scale != 1")
-        input_ids = torch.cat([input_ids, unconditional(input_ids, ids)])
-        attention_mask = torch.cat([attention_mask, attention_mask])
-        image_tokens = torch.cat([image_tokens, image_tokens])
-    text = janus.get_input_embeddings()(input_ids)
-    image = janus.prepare_embeddings_for_image_generation(image_tokens[:, :-1])
-    embeds = torch.cat([text, image.to(text.dtype)], dim=1)
-    mask = torch.cat([attention_mask, attention_mask.new_ones(image_tokens[:, :-1].shape)], dim=1)
-    hidden = janus.model.language_model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask)
-    ).last_hidden_state
-    logits = janus.model.generation_head(hidden[:, input_ids.shape[1] - 1:])
-    if cfg:
-        cond, uncond = logits.chunk(2)
-        logits = uncond + guidance_scale * (cond - uncond)
-    return logits
-
-
-def image_token_logprobs(
-    model, input_ids, attention_mask, image_tokens, ids: SpecialIds | None = None, guidance_scale: float = 1.0,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """``(B, T)`` log-probabilities of the given image tokens (teacher forced); see :func:`image_logits`."""
-    logits = image_logits(model, input_ids, attention_mask, image_tokens, ids, guidance_scale)
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, image_tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits
-
-
-@torch.no_grad()
-def sample_image_tokens(
-    model, input_ids, attention_mask, seeds: Sequence[int], settings: JanusSettings, ids: SpecialIds,
-    num_image_tokens: int | None = None,
-) -> torch.Tensor:
-    """Sample ``(B, T)`` image tokens with a KV cache; image i uses only random numbers drawn from ``seeds[i]``."""
-    from transformers import DynamicCache
-
-    janus = unwrap(model)
-    n_tok = num_image_tokens or janus.config.vision_config.num_image_tokens
-    device = janus.get_input_embeddings().weight.device
-    B = input_ids.shape[0]
-    cfg = settings.guidance_scale != 1.0
-    if cfg:
-        input_ids = torch.cat([input_ids, unconditional(input_ids, ids)])
-        attention_mask = torch.cat([attention_mask, attention_mask])
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    # Inverse-CDF sampling from per-image uniform streams keeps every image independent of its batch-mates.
-    uniforms = torch.stack([torch.rand(n_tok, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-                            for s in seeds]).to(device)
-    lm, head = janus.model.language_model, janus.model.generation_head
-    cache = DynamicCache()
-    out = lm(inputs_embeds=janus.get_input_embeddings()(input_ids), attention_mask=attention_mask,
-             position_ids=_positions(attention_mask), past_key_values=cache, use_cache=True)
-    position = _positions(attention_mask)[:, -1:]
-    tokens = torch.empty((B, n_tok), dtype=torch.long, device=device)
-    for t in range(n_tok):
-        logits = head(out.last_hidden_state[:, -1]).float()
-        if cfg:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + settings.guidance_scale * (cond - uncond)
-        if settings.do_sample:
-            probs = _filter(logits / settings.temperature, settings.top_k, settings.top_p).softmax(-1).double()
-            cdf = probs.cumsum(-1)
-            u = (uniforms[:, t] * cdf[:, -1]).unsqueeze(-1)
-            nxt = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
-        else:
-            nxt = logits.argmax(-1)
-        tokens[:, t] = nxt
-        if t == n_tok - 1:
-            break
-        step = nxt.repeat(2) if cfg else nxt
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=1)
-        position = position + 1
-        out = lm(inputs_embeds=janus.prepare_embeddings_for_image_generation(step.unsqueeze(-1)),
-                 attention_mask=attention_mask, position_ids=position, past_key_values=cache, use_cache=True)
-    return tokens
 
 
 class JanusGenerator:
@@ -360,8 +198,8 @@ class JanusGenerator:
         logits = image_logits(self.model, input_ids.to(self.device), mask.to(self.device), tokens, self.ids,
                               s.guidance_scale).float()
         if not s.do_sample:
-            return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        return _filter(logits / s.temperature, s.top_k, s.top_p).softmax(-1)
+            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return filter_logits(logits / s.temperature, s.top_k, s.top_p).softmax(-1)
 
     def components(self) -> dict[str, list[str]]:
         return {k: list(v) for k, v in self.COMPONENTS.items()}

@@ -6,7 +6,8 @@ import torch
 
 from generators.base import GeneratorConfig, load_generator
 from generators.config import ConfigError
-from generators.janus import JanusGenerator, image_logits, image_token_logprobs
+from generators.janus import JanusGenerator
+from generators.janus_sequence import image_logits, image_token_logprobs
 
 PROMPTS = ["A photo of the face of a nurse, a person", "A photo of the face of a senator, a person"]
 
@@ -83,6 +84,37 @@ def test_top_k_one_is_greedy():
     g_top1 = janus(top_k=1)
     g_greedy = janus(do_sample=False)
     assert torch.equal(g_top1.sample_tokens(PROMPTS, [1, 2]), g_greedy.sample_tokens(PROMPTS, [7, 8]))
+
+
+def test_filter_logits_keeps_top_k_and_the_smallest_nucleus():
+    from generators.janus_sequence import filter_logits
+
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = lambda out: torch.isfinite(out[0]).tolist()  # noqa: E731
+    assert kept(filter_logits(logits, 3, 1.0)) == [True, True, True, False]
+    assert kept(filter_logits(logits, 0, 0.7)) == [True, True, False, False]  # 0.5 < 0.7 <= 0.5 + 0.3
+    assert kept(filter_logits(logits, 0, 0.5)) == [True, False, False, False]
+    assert kept(filter_logits(logits, 0, 1.0)) == [True] * 4
+    # an unsorted row: the nucleus follows probability, not position
+    assert kept(filter_logits(logits[:, [2, 0, 3, 1]], 0, 0.7)) == [False, True, False, True]
+
+
+def test_text_sampling_is_batch_invariant_and_stops_at_eos():
+    from generators.janus_sequence import left_pad, sample_text_tokens
+
+    g = janus()
+    rows = [g.tokenizer("a nurse", add_special_tokens=False).input_ids,
+            g.tokenizer("a photo of the face of a senator", add_special_tokens=False).input_ids]
+    pad = g.tokenizer.pad_token_id
+    ids, mask = left_pad(rows, pad)
+    both = sample_text_tokens(g.model, ids, mask, [3, 4], 6, temperature=1.5, pad_id=pad)
+    alone = sample_text_tokens(g.model, *left_pad(rows[:1], pad), [3], 6, temperature=1.5, pad_id=pad)
+    assert both.shape == (2, 6) and torch.equal(both[0], alone[0])
+    # with row 0's second token as eos, row 0 stops there and is padded afterwards
+    eos = int(both[0, 1])
+    stopped = sample_text_tokens(g.model, ids, mask, [3, 4], 6, temperature=1.5, eos_id=eos, pad_id=pad)
+    first_eos = int((stopped[0] == eos).nonzero()[0])
+    assert first_eos <= 1 and (stopped[0, first_eos + 1:] == pad).all()
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def test_render_rejects_bad_attributes():
 
 
 def test_world_config_rejects_bad_values(tmp_path):
-    from debias.lab.build import load_world_config
+    from debias.lab.world import load_world_config
     from generators.config import ConfigError
 
     data = yaml.safe_load((ROOT / "configs/lab/world.yaml").read_text())
@@ -105,7 +105,7 @@ def test_world_config_rejects_bad_values(tmp_path):
 def world():
     from transformers import AutoTokenizer, CLIPModel, CLIPProcessor, JanusForConditionalGeneration
 
-    from debias.lab.build import load_world_config
+    from debias.lab.world import load_world_config
 
     janus = JanusForConditionalGeneration.from_pretrained(WEIGHTS / "janus").eval()
     tok = AutoTokenizer.from_pretrained(WEIGHTS / "janus")
@@ -138,7 +138,7 @@ def test_shipped_models_are_configured_for_the_sequence_convention(world):
 
 
 def test_vq_codebook_is_stored_unit_norm_and_stock_encode_agrees(world):
-    from debias.lab.build import decode_tokens, encode_images, to_pixels
+    from debias.lab.vq import decode_tokens, encode_images, to_pixels
 
     janus = world["janus"]
     cb = janus.model.vqmodel.quantize.embedding.weight
@@ -157,7 +157,7 @@ def test_vq_codebook_is_stored_unit_norm_and_stock_encode_agrees(world):
 def test_clip_processor_matches_training_pixels_and_pools_the_real_eos(world):
     from PIL import Image
 
-    from debias.lab.build import clip_pixels
+    from debias.lab.train_clip import clip_pixels
 
     clip, proc = world["clip"], world["proc"]
     img = render("female", "Indian", "pilot", np.random.default_rng(4))
@@ -175,32 +175,33 @@ def test_clip_processor_matches_training_pixels_and_pools_the_real_eos(world):
 
 
 def test_clip_zero_shot_classifies_fresh_renders(world):
-    from debias.lab.build import zero_shot
+    from debias.lab.verify import labels, world_classifier
+    from generators.base import to_pil
 
-    clip, tok, cfg = world["clip"], world["proc"].tokenizer, world["cfg"]
+    clip, cfg = world["clip"], world["cfg"]
     rng = np.random.default_rng(11)
     n = 64
     attrs = {"gender": rng.integers(0, 2, n), "race": rng.integers(0, 4, n),
              "occupation": rng.integers(0, len(OCCUPATIONS), n)}
     imgs = render_batch(n, attrs, rng)
+    # The audit's classifier (configs/experiments/lab.yaml) with the world's templates, on 8-bit images.
+    pred = labels(world_classifier(cfg, clip, world["proc"]), to_pil(imgs, (0.0, 1.0)))
     for attr in ("gender", "race"):
         spec = cfg.classifier[attr]
         assert list(spec.classes) == list(GENDERS if attr == "gender" else RACES)
-        pred = zero_shot(clip, tok, imgs, spec.classes, spec.templates).argmax(1)
-        assert (pred == attrs[attr]).mean() >= 0.9, attr
+        assert (pred[attr] == attrs[attr]).mean() >= 0.9, attr
 
 
 def test_shipped_world_still_carries_the_planted_gender_skew(world):
-    from debias.lab.build import caption, decode_tokens, sample_image_tokens, zero_shot
+    from debias.lab.verify import labels, world_classifier, world_generator
+    from debias.lab.world import caption
 
     janus, tok, clip, cfg = world["janus"], world["tok"], world["clip"], world["cfg"]
     n = 48
     prompts = [caption(cfg, "doctor")] * n + [caption(cfg, "nurse")] * n
-    gen = torch.Generator().manual_seed(0)
-    tokens = sample_image_tokens(janus, tok, prompts, guidance_scale=1.0, generator=gen)
-    spec = cfg.classifier["gender"]
-    female = zero_shot(clip, world["proc"].tokenizer, decode_tokens(janus, tokens), spec.classes,
-                       spec.templates).argmax(1) == 1
+    # The real sampler and the audit's classifier, as the build's verification uses them.
+    images = [im.image for im in world_generator(janus, tok, 1.0).generate(prompts, list(range(n)) * 2)]
+    female = labels(world_classifier(cfg, clip, world["proc"]), images)["gender"] == GENDERS.index("female")
     doctor, nurse = female[:n].mean(), female[n:].mean()
     # Planted: doctor 0.2, nurse 0.85. With n = 48 the binomial sd is <= 0.072, so these bounds are > 3 sd wide.
     assert doctor < 0.45 < 0.6 < nurse, (doctor, nurse)
@@ -224,6 +225,16 @@ def test_quick_build_writes_loadable_weights(tmp_path):
     info = json.loads((out / "build_info.json").read_text())
     assert info["quick"] is True and "verify" in info and info["times_s"]["total"] > 0
     assert janus.decode_image_tokens(torch.zeros(1, 64, dtype=torch.long)).shape == (1, 32, 32, 3)
+    # --verify-only re-measures the saved world with the same sampler and classifier: the same numbers, and the
+    # weights are left alone.
+    weights = {p: p.read_bytes() for p in sorted(out.rglob("*.safetensors"))}
+    proc = subprocess.run([sys.executable, "-m", "debias.lab.build", "--verify-only", "--out", str(out), "--threads",
+                           "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again_info = json.loads((out / "build_info.json").read_text())
+    assert again_info["verify"] == info["verify"] and again_info["clip"] == info["clip"]
+    assert again_info["reverified"]["times_s"]["verify"] > 0
+    assert weights and {p: p.read_bytes() for p in sorted(out.rglob("*.safetensors"))} == weights
     # A second build into the same non-empty folder is refused (nothing is overwritten by accident).
     again = subprocess.run([sys.executable, "-m", "debias.lab.build", "--quick", "--out", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -1,6 +1,6 @@
 """Locate probes: hand-computed units, a planted language-side skew as ground truth, and the smoke run end to end.
 
-The ground truth (:mod:`debias.locate.groundtruth`) is a tiny real Janus trained in-process: its *tuned* version
+The ground truth (``tests/planted.py``) is a tiny real Janus trained in-process: its *tuned* version
 differs from the base only in ``model.language_model``, which pushes each occupation's neutral prompt toward a
 planted group. The probes must find the skew on the language side: the controlled-generation hit rate is near 1,
 and the component swap attributes the bias change to the language model, not the VQ decoder (and, for a model
@@ -23,7 +23,6 @@ from debias.locate import LocateConfig, run_locate
 from debias.locate.controlled import (
     ControlledConfig, code_histogram, controlled_probe, divergence, hit_rate, jsd, majority, majority_from_audit,
 )
-from debias.locate.groundtruth import plant_answers, plant_skew, torch_threads
 from debias.locate.report import understanding_section
 from debias.locate.swap import SwapConfig, component_swap, factorial_effects
 from debias.locate.understanding import (
@@ -33,6 +32,7 @@ from debias.locate.vision_probe import VisionProbeConfig, linear_probe, vision_p
 from generators.base import GeneratorConfig
 from generators.config import ConfigError, UserError
 from generators.janus import JanusGenerator
+from planted import plant_answers, plant_skew, torch_threads
 
 GENDER = ["male", "female"]
 RACE = ["White", "Black", "Indian", "Asian"]
@@ -40,7 +40,7 @@ RACE = ["White", "Black", "Indian", "Asian"]
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    # Tiny models on a shared 2-core machine run several times faster on one thread (see groundtruth.torch_threads).
+    # Tiny models on a shared 2-core machine run several times faster on one thread (see planted.torch_threads).
     with torch_threads(1):
         yield
 

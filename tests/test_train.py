@@ -113,7 +113,8 @@ def test_pairs_stay_aligned_through_the_trainer_dataloader(table, tmp_path):
     from debias.train.common import lora_config
     from debias.train.config import LoraOptions
     from debias.train.data import bpo_pairs
-    from generators.janus import JanusGenerator, encode_prompts
+    from generators.janus import JanusGenerator
+    from generators.janus_sequence import encode_prompts
 
     gen = JanusGenerator(tiny_config())
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=5, report_to="none", use_cpu=True,
@@ -149,7 +150,8 @@ def test_sft_trains_every_lora_weight_and_no_base_weight_and_saves_exactly(table
     from debias.train.config import LoraOptions
     from debias.train.data import sft_examples
     from debias.train.sft import JanusSFTTrainer
-    from generators.janus import JanusGenerator, image_logits
+    from generators.janus import JanusGenerator
+    from generators.janus_sequence import image_logits
     from generators.tiny import tiny_janus
 
     gen = JanusGenerator(tiny_config())

@@ -9,7 +9,7 @@ Four probes, each usable alone from Python and gathered by ``debias locate`` (:f
   image-token distributions; hit rate of the majority demographic.
 * :mod:`debias.locate.swap` - 2 x 2 swap of the language and vision sides of a base and a fine-tuned model.
 
-:mod:`debias.locate.groundtruth` builds a tiny Janus with a planted language-side skew to check them against.
+The tests check them against a tiny Janus with a planted language-side skew (``tests/planted.py``).
 """
 
 from debias.locate.run import PROBES, LocateConfig, run_locate

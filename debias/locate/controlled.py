@@ -271,7 +271,7 @@ def token_distributions(generator, prompts: Sequence[str], seeds: Sequence[int],
     """
     import torch
 
-    from generators.janus import _filter, image_logits, unwrap
+    from generators.janus_sequence import filter_logits, image_logits, unwrap
 
     gen = _token_source(generator)
     settings = gen.settings
@@ -293,7 +293,7 @@ def token_distributions(generator, prompts: Sequence[str], seeds: Sequence[int],
                                       settings.guidance_scale).float()
                 if settings.do_sample:
                     # Exactly the distribution each token was drawn from (temperature, top-k, top-p as sampling).
-                    probs = _filter(logits / settings.temperature, settings.top_k, settings.top_p).softmax(-1)
+                    probs = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p).softmax(-1)
                 else:
                     probs = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
             for p, pr in zip(ps, probs.cpu()):

@@ -189,7 +189,7 @@ def _get(root, path: str):
 
 def backend_root(generator):
     """The object holding the swappable modules: the unwrapped Janus model, or the diffusers pipeline."""
-    from generators.janus import unwrap
+    from generators.janus_sequence import unwrap
 
     if hasattr(generator, "pipeline"):
         return generator.pipeline
@@ -278,7 +278,7 @@ def load_tuned(experiment_config, config: SwapConfig):
 
 
 def _tuned_root(tuned):
-    from generators.janus import unwrap
+    from generators.janus_sequence import unwrap
 
     if hasattr(tuned, "identity"):  # a generator
         return backend_root(tuned)

@@ -213,7 +213,7 @@ def summarize_answers(labels: Sequence[str], classes: Sequence[str]) -> dict[str
 
 
 def _janus(model):
-    from generators.janus import unwrap
+    from generators.janus_sequence import unwrap
 
     janus = unwrap(model)
     if not (hasattr(janus, "model") and hasattr(janus.model, "vision_model") and hasattr(janus, "lm_head")):
@@ -234,7 +234,7 @@ def question_ids(model, tokenizer, question: str, template: str = "{image}{quest
     Text segments are tokenised separately (no special tokens added) and the image block is inserted as ids, so
     the tokenizer never splits the special tokens.
     """
-    from generators.janus import SpecialIds
+    from generators.janus_sequence import SpecialIds
 
     janus = _janus(model)
     ids = SpecialIds.of(janus, tokenizer)
@@ -287,10 +287,7 @@ def sample_answers(model, tokenizer, questions: Sequence[str], seeds: Sequence[i
         config: sampling settings (defaults of :class:`UnderstandingConfig`).
         processor: optional processor whose image normalisation is used.
     """
-    import torch
-    from transformers import DynamicCache
-
-    from generators.janus import _filter
+    from generators.janus_sequence import left_pad, sample_text_tokens
 
     config = config or UnderstandingConfig()
     if len(questions) != len(seeds):
@@ -305,40 +302,12 @@ def sample_answers(model, tokenizer, questions: Sequence[str], seeds: Sequence[i
     for start in range(0, len(questions), config.batch_size):
         qs, ss = list(questions[start:start + config.batch_size]), list(seeds[start:start + config.batch_size])
         rows = [cache_ids.setdefault(q, question_ids(janus, tokenizer, q, config.prompt_template)) for q in qs]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, r in enumerate(rows):
-            input_ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
+        input_ids, mask = left_pad(rows, pad)
         pixels = blank_pixel_values(janus, len(rows), config.blank, mean, std).to(device, janus.dtype)
-        uniforms = torch.stack([torch.rand(config.max_new_tokens, generator=torch.Generator().manual_seed(int(s)),
-                                           dtype=torch.float64) for s in ss]).to(device)
-        cache = DynamicCache()
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            out = janus(input_ids=input_ids, pixel_values=pixels, attention_mask=mask, position_ids=position,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-            position = position[:, -1:]
-            done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-            new = []
-            for t in range(config.max_new_tokens):
-                logits = out.logits[:, -1].float()
-                probs = _filter(logits / config.temperature, config.top_k, config.top_p).softmax(-1).double()
-                cdf = probs.cumsum(-1)
-                nxt = torch.searchsorted(cdf, (uniforms[:, t] * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-                nxt = nxt.clamp(max=logits.shape[-1] - 1).masked_fill(done, pad)
-                new.append(nxt)
-                if eos is not None:
-                    done |= nxt == eos
-                if bool(done.all()) or t == config.max_new_tokens - 1:
-                    break
-                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-                position = position + 1
-                out = janus(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=position,
-                            past_key_values=cache, use_cache=True)
-        gen = torch.stack(new, dim=1).cpu().tolist()
+        gen = sample_text_tokens(
+            janus, input_ids.to(device), mask.to(device), ss, config.max_new_tokens, config.temperature, config.top_k,
+            config.top_p, eos_id=eos, pad_id=pad, pixel_values=pixels,
+        ).cpu().tolist()
         for row in gen:
             if eos is not None and eos in row:
                 row = row[:row.index(eos)]

@@ -251,7 +251,7 @@ def load_labelled_images(config: VisionProbeConfig) -> tuple[list, dict[str, lis
 
 
 def _root(model):
-    from generators.janus import unwrap
+    from generators.janus_sequence import unwrap
 
     if hasattr(model, "pipeline"):  # a DiffusersGenerator
         return model.pipeline

@@ -41,7 +41,7 @@ class JanusBPOTrainer(ImageTokenTrainerMixin, DPOTrainer):
         args: ``trl.DPOConfig`` (``beta`` is the loss's beta).
         train_dataset: explicit pairs from :func:`debias.train.data.bpo_pairs`.
         processing_class: the Janus tokenizer.
-        ids: :class:`generators.janus.SpecialIds`.
+        ids: :class:`generators.janus_sequence.SpecialIds`.
         template: the generator's prompt template.
         loss: ``bpo`` (balanced preference), ``dpo`` or ``ipo``.
         prefer_first: dpo/ipo only: image ``i`` of each pair is the preferred one (pairs ordered by a group

@@ -74,7 +74,7 @@ class GroupShareCallback(TrainerCallback):
     @torch.no_grad()
     def measure(self, model) -> dict[str, float]:
         """Sample, classify and return ``{monitor/rd_<attribute>: ..., monitor/share_<class>: ...}``."""
-        from generators.janus import encode_prompts, sample_image_tokens, unwrap
+        from generators.janus_sequence import encode_prompts, sample_image_tokens, unwrap
 
         device = unwrap(model).get_input_embeddings().weight.device
         was_training = model.training

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from generators.janus import image_token_logprobs, unwrap
+from generators.janus_sequence import image_token_logprobs, unwrap
 
 Classify = Callable[[Any], Any]
 
@@ -24,12 +24,12 @@ def enable_image_token_forward(model, ids) -> None:
     The Trainers call ``model(...)`` through whatever wraps it (PEFT, DDP, FSDP, DeepSpeed, autocast): routing the
     image path through the model's own ``forward`` keeps DDP's gradient synchronisation and sharded-parameter
     gathering working, which calling submodules directly from the trainer would bypass. The computation itself is
-    :func:`generators.janus.image_token_logprobs` (the project's one sequence convention). Calls without
+    :func:`generators.janus_sequence.image_token_logprobs` (the project's one sequence convention). Calls without
     ``image_tokens`` run the original forward unchanged. TRL patches ``forward`` the same way for its fused LM head.
 
     Args:
         model: a ``JanusForConditionalGeneration`` (not the PEFT wrapper: PEFT calls through to it).
-        ids: :class:`generators.janus.SpecialIds`, needed for the CFG unconditional rows.
+        ids: :class:`generators.janus_sequence.SpecialIds`, needed for the CFG unconditional rows.
     """
     model._debias_image_ids = ids
     if getattr(model, "_debias_image_forward", False):

@@ -24,6 +24,7 @@ import torch
 
 from debias.losses import pair_indices
 from generators.config import UserError
+from generators.janus_sequence import left_pad
 
 REQUIRED_COLUMNS = ("prompt", "explicit_prompt", "attribute", "group", "seed", "confidence", "image", "tokens")
 
@@ -173,26 +174,6 @@ def bpo_pairs(table, order: Sequence[str] | None = None):
         "tokens_i": [tokens[i] for i, _ in pairs],
         "tokens_j": [tokens[j] for _, j in pairs],
     })
-
-
-def prompt_ids(tokenizer, prompt: str, ids, template: str) -> list[int]:
-    """``[bos] + tokens(template(prompt)) + [boi]``, exactly as :func:`generators.janus.encode_prompts` builds it."""
-    from generators.janus import encode_prompts
-
-    input_ids, mask = encode_prompts(tokenizer, [prompt], ids, template)
-    return input_ids[0][mask[0].bool()].tolist()
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompt ids to one width (the sequence convention of ``generators.janus``): ids and 0/1 mask."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for n, r in enumerate(rows):
-        if r:
-            input_ids[n, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[n, width - len(r):] = 1
-    return input_ids, mask
 
 
 class ImageTokenCollator:

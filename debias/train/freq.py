@@ -21,7 +21,7 @@ import torch
 from debias.losses import frequency_weights, reweighted_likelihood_loss
 from debias.train.common import Classify, classify_tokens
 from debias.train.sft import JanusSFTTrainer
-from generators.janus import sample_image_tokens
+from generators.janus_sequence import left_pad, prompt_ids, sample_image_tokens
 
 
 class GroupShareEstimator:
@@ -102,8 +102,6 @@ class JanusFreqTrainer(JanusSFTTrainer):
             policy.train(was_training)
 
     def _prompt_batch(self, indices: Sequence[int]):
-        from debias.train.data import left_pad, prompt_ids
-
         rows = []
         for i in indices:
             p = self.prompts[i]

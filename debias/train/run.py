@@ -104,7 +104,7 @@ def plan_training(train: TrainConfig, generator_config: GeneratorConfig, out_dir
         UserError: naming the config key, the bad value and the fix.
     """
     from debias.train.data import check_tokens, columns, load_balanced_dataset, select_rows
-    from generators.janus import unwrap
+    from generators.janus_sequence import unwrap
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -3,7 +3,7 @@
 Hooks into TRL 1.16 (pinned in pyproject: these are private methods):
 
 * ``_prepare_dataset``: instead of tokenising a text column, adds ``prompt_ids`` (``[bos] + prompt + [boi]``, the
-  convention of :mod:`generators.janus`) to data sets of ``prompt`` + ``tokens`` rows.
+  layout of :mod:`generators.janus_sequence`) to data sets of ``prompt`` + ``tokens`` rows.
 * ``_set_signature_columns_if_needed``: keeps the image-token columns through ``remove_unused_columns``.
 * ``compute_loss``: mean negative log-likelihood of the image tokens, scored by the generation head (not the text
   ``lm_head`` TRL's fused path would use), through the model's forward (see
@@ -22,8 +22,8 @@ import torch
 from trl import SFTTrainer
 
 from debias.train.common import enable_image_token_forward
-from debias.train.data import ImageTokenCollator, prompt_ids
-from generators.janus import unwrap
+from debias.train.data import ImageTokenCollator
+from generators.janus_sequence import prompt_ids, unwrap
 
 
 class ImageTokenTrainerMixin:
@@ -89,7 +89,7 @@ class JanusSFTTrainer(ImageTokenTrainerMixin, SFTTrainer):
         train_dataset: rows with ``prompt`` and ``tokens`` (e.g. :func:`debias.train.data.sft_examples`); no
             ``image`` column.
         processing_class: the Janus tokenizer (always passed: TRL would otherwise fetch one from the hub).
-        ids: :class:`generators.janus.SpecialIds`.
+        ids: :class:`generators.janus_sequence.SpecialIds`.
         template: prompt template of the generator (``{prompt}``), as used when sampling.
         peft_config: ``peft.LoraConfig`` for a new adapter; ``None`` when ``model`` is already a ``PeftModel``.
         callbacks: extra ``TrainerCallback`` objects.

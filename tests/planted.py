@@ -1,4 +1,4 @@
-"""A tiny Janus with a planted *language-side* skew: the ground truth the locate probes must recover.
+"""Test fixture: a tiny Janus with a planted *language-side* skew, the ground truth the locate probes must recover.
 
 Real architectures, trained briefly in-process (a few seconds on 2 CPU cores), no files, no hub:
 
@@ -105,7 +105,7 @@ def _group_tokens(codes: torch.Tensor, n: int, length: int, gen: torch.Generator
 def _train_image_lm(model, tokenizer, rows: list[tuple[str, str]], codes: dict[str, torch.Tensor], params,
                     steps: int, lr: float, gen: torch.Generator) -> float:
     """Teacher-forced NLL of fresh group-code images for (prompt, group) rows; returns the last loss."""
-    from generators.janus import SpecialIds, encode_prompts, image_logits
+    from generators.janus_sequence import SpecialIds, encode_prompts, image_logits
 
     ids = SpecialIds.of(model, tokenizer)
     n_tok = model.config.vision_config.num_image_tokens
@@ -252,6 +252,7 @@ def plant_answers(model, tokenizer, question: str, answers: dict[str, str], step
         The last training loss (answer and ``<eos>`` tokens).
     """
     from debias.locate.understanding import blank_pixel_values, question_ids
+    from generators.janus_sequence import left_pad, positions
 
     rows, n_answer = [], []
     for occupation, answer in answers.items():
@@ -259,17 +260,13 @@ def plant_answers(model, tokenizer, question: str, answers: dict[str, str], step
         tail = [*tokenizer(answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
         rows.append(prefix + tail)
         n_answer.append(len(tail))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
+    input_ids, mask = left_pad(rows, tokenizer.pad_token_id)
     labels = torch.full_like(input_ids, -100)
-    for i, (r, k) in enumerate(zip(rows, n_answer)):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-        labels[i, width - k:] = input_ids[i, width - k:]
+    for i, k in enumerate(n_answer):
+        labels[i, -k:] = input_ids[i, -k:]
     answer_only = labels.clone()
     answer_only[:, -1] = -100  # the <eos> column (rows are left-padded, so it is the last one)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = positions(mask)
     pixels = blank_pixel_values(model, len(rows))
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vqmodel.")]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
