@@ -238,9 +238,9 @@ def _pair_gaps(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """``sum over class pairs i < j of |x_i - x_j|`` along ``axis``: RD times the number of pairs, K(K-1)/2.
 
     Integer counts (the bootstrap's resampled cells) take the pairwise sum itself: exact, and on large arrays with
-    an attribute's few classes 5-100x faster than sorting along a short axis (measured, K = 8 to 2). Float shares take the O(K log K)
-    sorted form: in ascending order, f_(k) is larger than k others and smaller than K-1-k others, so it enters with
-    weight k - (K-1-k). Both give the same value (to rounding, for floats).
+    an attribute's few classes 5-100x faster than sorting along a short axis (measured for K = 8 down to 2). Float
+    shares take the O(K log K) sorted form: in ascending order, f_(k) is larger than k others and smaller than
+    K-1-k others, so it enters with weight k - (K-1-k). Both give the same value (to rounding, for floats).
     """
     k = x.shape[axis]
     if np.issubdtype(x.dtype, np.integer):
