@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from generators.base import resolve_device
 from generators.config import ConfigError, UserError, did_you_mean, from_dict, load_yaml, option, to_dict
 from generators.registry import Registry
 from generators.resources import config_names, named_config
@@ -196,7 +197,9 @@ class ClassifierConfig:
     )
     revision: str | None = option(None, help="hub revision (branch, tag or commit) to pin the weights")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", help="weights and compute dtype")
-    device: str = option("auto", help="torch device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
+    device: str = option(
+        "auto", help="torch device: auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:1, mps"
+    )
     batch_size: int = option(32, help="images per forward batch")
     attributes: Any = option(
         default_factory=lambda: ["gender", "race"],
@@ -335,17 +338,6 @@ def lab_clip(seed: int = 0):
     if not path.is_dir():
         raise ConfigError(missing_world(path))
     return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda if available, else mps, else cpu; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def _pooled(out: Any) -> torch.Tensor:

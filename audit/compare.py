@@ -152,16 +152,6 @@ def _labeler(name: str, classes: list[str], attributes: Mapping[str, Any],
 # ---------------------------------------------------------------------------------------------------------- stats
 
 
-def _rd_rows(counts: np.ndarray) -> np.ndarray:
-    """RD of each row of counts (NaN where a row has no count), via audit.metrics.rd."""
-    from audit.metrics import rd
-
-    tot = counts.sum(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shares = np.where(tot > 0, counts / np.maximum(tot, 1), np.nan)
-    return np.asarray(rd(shares), dtype=float)
-
-
 def _one_hot(labels: np.ndarray, k: int) -> np.ndarray:
     out = np.zeros((len(labels), k))
     ok = labels >= 0
@@ -172,11 +162,11 @@ def _one_hot(labels: np.ndarray, k: int) -> np.ndarray:
 def _prompt_change(lb: np.ndarray, la: np.ndarray, k: int, n_boot: int, alpha: float,
                    rng: np.random.Generator) -> dict[str, Any]:
     """Shares, RD and the paired-bootstrap RD change of one prompt from labels on the same seeds."""
-    from audit.metrics import percentile_ci, share_intervals
+    from audit.metrics import percentile_ci, rd, share_intervals, shares_from_counts
 
     ob, oa = _one_hot(lb, k), _one_hot(la, k)
     cb, ca = ob.sum(axis=0), oa.sum(axis=0)
-    rd_b, rd_a = (float(_rd_rows(c[None])[0]) for c in (cb, ca))
+    rd_b, rd_a = (float(rd(shares_from_counts(c))) for c in (cb, ca))
     both = math.isfinite(rd_b) and math.isfinite(rd_a)
     change = rd_a - rd_b if both else None
     ci: list[float | None] = [None, None]
@@ -190,7 +180,7 @@ def _prompt_change(lb: np.ndarray, la: np.ndarray, k: int, n_boot: int, alpha: f
             keep = drawn >= 0  # -1: no face or unclassified
             return np.bincount((row + drawn)[keep], minlength=n_boot * k).reshape(n_boot, k).astype(float)
 
-        d = _rd_rows(counts(la)) - _rd_rows(counts(lb))
+        d = rd(shares_from_counts(counts(la))) - rd(shares_from_counts(counts(lb)))
         lo, hi = percentile_ci(d, alpha, center=change, bounds=(-2.0 / k, 2.0 / k))
         ci = [lo if math.isfinite(lo) else None, hi if math.isfinite(hi) else None]
 

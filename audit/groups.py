@@ -399,10 +399,10 @@ def group_summary(values: Mapping[str, float | None], tags: Mapping[str, Mapping
     Raises:
         UserError: for ``alpha`` outside (0, 1) or ``n_boot`` < 1.
     """
-    if not 0 < alpha < 1:
-        raise UserError(f"alpha: must be in (0, 1), got {alpha!r}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise UserError(f"n_boot: must be a positive integer, got {n_boot!r}")
+    from audit.metrics import _check_alpha, _check_n_boot, bootstrap_mean, percentile_ci
+
+    _check_alpha(alpha)
+    _check_n_boot(n_boot)
     grouped = group_values(values, tags, axis)
     totals: dict[str, int] = {}
     for prompt in values:
@@ -413,22 +413,19 @@ def group_summary(values: Mapping[str, float | None], tags: Mapping[str, Mapping
     per_group: dict[str, Any] = {}
     boots: dict[str, np.ndarray] = {}
     for g, vals in grouped.items():
-        arr = np.asarray(vals, dtype=float)
-        ci = None
-        if len(arr):
-            reps = arr[rng.integers(0, len(arr), size=(n_boot, len(arr)))].mean(axis=1)
-            boots[g] = reps
+        mean, ci = None, None
+        if vals:
+            # Groups draw one after the other from the same stream, so the disparity sees independent groups.
+            mean, interval, boots[g] = bootstrap_mean(vals, alpha, n_boot, rng)
             # One prompt gives no spread to resample: no interval rather than a falsely exact one.
-            if len(arr) >= 2:
-                ci = [float(np.quantile(reps, alpha / 2)), float(np.quantile(reps, 1 - alpha / 2))]
-        per_group[g] = {"mean": float(arr.mean()) if len(arr) else None, "ci": ci, "n_prompts": int(len(arr)),
-                        "n_undefined": totals.get(g, 0) - int(len(arr))}
+            ci = list(interval) if len(vals) >= 2 else None
+        per_group[g] = {"mean": mean, "ci": ci, "n_prompts": len(vals), "n_undefined": totals.get(g, 0) - len(vals)}
     result = {"per_group": per_group, **disparity({g: v["mean"] for g, v in per_group.items()}, lower_is_better)}
     result["metric_lower_is_better"] = lower_is_better
     if len(boots) >= 2 and all(v["n_prompts"] >= 2 for v in per_group.values() if v["n_prompts"]):
         stacked = np.stack(list(boots.values()))
         d = stacked.max(axis=0) - stacked.min(axis=0)
-        result["disparity_ci"] = [float(np.quantile(d, alpha / 2)), float(np.quantile(d, 1 - alpha / 2))]
+        result["disparity_ci"] = list(percentile_ci(d, alpha))
     else:
         result["disparity_ci"] = None
     return result

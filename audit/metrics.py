@@ -234,12 +234,29 @@ def _nanmean(x: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------------------- metrics
 
 
-def _rd(s: np.ndarray) -> np.ndarray:
-    # Sum over pairs |f_i - f_j| in O(K log K): with ascending order, f_(k) is larger than k others and smaller
-    # than K-1-k others, so it enters with weight k - (K-1-k).
-    k = s.shape[-1]
+def _pair_gaps(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``sum over class pairs i < j of |x_i - x_j|`` along ``axis``: RD times the number of pairs, K(K-1)/2.
+
+    Integer counts (the bootstrap's resampled cells) take the pairwise sum itself: exact, and on large arrays with
+    an attribute's few classes 5-100x faster than sorting along a short axis (measured for K = 8 down to 2). Float
+    shares take the O(K log K) sorted form: in ascending order, f_(k) is larger than k others and smaller than
+    K-1-k others, so it enters with weight k - (K-1-k). Both give the same value (to rounding, for floats).
+    """
+    k = x.shape[axis]
+    if np.issubdtype(x.dtype, np.integer):
+        c = np.moveaxis(x, axis, 0)
+        acc = np.zeros(c.shape[1:], dtype=c.dtype)
+        for i in range(k):
+            for j in range(i + 1, k):
+                acc += np.abs(c[i] - c[j])
+        return acc
     w = 2 * np.arange(k) - (k - 1)
-    return (np.sort(s, axis=-1) * w).sum(axis=-1) / (k * (k - 1) / 2)
+    return (np.moveaxis(np.sort(x, axis=axis), axis, -1) * w).sum(axis=-1)
+
+
+def _rd(s: np.ndarray) -> np.ndarray:
+    k = s.shape[-1]
+    return _pair_gaps(s) / (k * (k - 1) / 2)
 
 
 def rd(shares: Any) -> float | np.ndarray:
@@ -558,6 +575,31 @@ def percentile_ci(
     return float(low), float(high)
 
 
+def bootstrap_mean(
+    values: Any, alpha: float = 0.05, n_boot: int = 1000, seed: int | np.random.Generator = 0
+) -> tuple[float, tuple[float, float], np.ndarray]:
+    """Mean of ``values`` with a percentile bootstrap interval: values resampled with replacement ``n_boot`` times.
+
+    Args:
+        values: Finite values, shape (n,) with n >= 1 (e.g. one per prompt).
+        alpha: 1 - confidence level.
+        n_boot: Number of replicates.
+        seed: Seed, or a ``numpy.random.Generator`` to draw from (several means from one stream).
+
+    Returns:
+        ``(mean, (low, high), replicates)``, the replicates of shape (n_boot,).
+
+    Raises:
+        UserError: No values, ``alpha`` outside (0, 1) or ``n_boot`` < 1.
+    """
+    a, nb = _check_alpha(alpha), _check_n_boot(n_boot)
+    v = np.asarray(values, dtype=float).ravel()
+    if not len(v):
+        raise UserError("values: empty; a bootstrap mean needs at least one value")
+    reps = v[np.random.default_rng(seed).integers(0, len(v), size=(nb, len(v)))].mean(axis=1)
+    return float(v.mean()), percentile_ci(reps, a), reps
+
+
 def _boot_chunk(ss: np.random.SeedSequence, nb: int, n: np.ndarray, p: np.ndarray, t: np.ndarray) -> np.ndarray:
     g = np.random.default_rng(ss)
     r, k = p.shape
@@ -568,11 +610,7 @@ def _boot_chunk(ss: np.random.SeedSequence, nb: int, n: np.ndarray, p: np.ndarra
     c = np.moveaxis(g.multinomial(nn, p[idx]), -1, 0).astype(np.int32)  # (K, nb, R): class-major is ~10x faster
     inv = 1.0 / nn
     out = np.empty((5, nb))
-    acc = np.zeros(nn.shape, dtype=np.int32)
-    for i in range(k):
-        for j in range(i + 1, k):
-            acc += np.abs(c[i] - c[j])
-    out[0] = (acc * inv).mean(axis=1) / (k * (k - 1) / 2)
+    out[0] = (_pair_gaps(c, axis=0) * inv).mean(axis=1) / (k * (k - 1) / 2)
     # sum_k s log s = (sum_k c log c) / n - log n, with c log c read from a table of integers.
     clogc = special.xlogy(np.arange(int(n.max()) + 1), np.arange(int(n.max()) + 1))
     slogs = clogc[c].sum(axis=0) * inv - np.log(nn)
@@ -830,13 +868,11 @@ def paired_change(
     else:
         res = stats.wilcoxon(dk, zero_method="wilcox")
         stat, p = float(res.statistic), float(res.pvalue)
-    g = np.random.default_rng(seed)
-    means = dk[g.integers(0, len(dk), size=(nb, len(dk)))].mean(axis=1)
-    low, high = percentile_ci(means, a)
+    mean, (low, high), _ = bootstrap_mean(dk, a, nb, seed)
     return {
         "n": int(keep.sum()),
         "n_dropped": int((~keep).sum()),
-        "mean_change": float(dk.mean()),
+        "mean_change": mean,
         "ci": [low, high],
         "median_change": float(np.median(dk)),
         "n_down": int((dk < 0).sum()),

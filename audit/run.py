@@ -183,19 +183,19 @@ def compute_metrics(prompts: list[str], records: list[dict], rows: dict[str, dic
     return out
 
 
-def quality_summary(prompts: list[str], records: list[dict], rows: dict[str, dict], alpha: float) -> dict | None:
-    """CLIP score (higher is better) per prompt and overall, with a percentile bootstrap interval over prompts."""
+def quality_summary(prompts: list[str], records: list[dict], rows: dict[str, dict],
+                    metrics: MetricsConfig) -> dict | None:
+    """CLIP score (higher is better) per prompt and overall, with a percentile bootstrap interval over prompts
+    (``metrics.alpha``, ``metrics.n_boot``, ``metrics.seed``)."""
+    from audit.metrics import bootstrap_mean
+
     scores = {p: [rows[r["key"]]["clip_score"] for r in records if r["prompt"] == p
                   and rows[r["key"]]["clip_score"] is not None] for p in prompts}
     per_prompt = {p: float(np.mean(s)) for p, s in scores.items() if s}
     if not per_prompt:
         return None
-    vals = np.array(list(per_prompt.values()))
-    rng = np.random.default_rng(0)
-    boots = vals[rng.integers(0, len(vals), size=(1000, len(vals)))].mean(axis=1)
-    return {"clip_score": float(vals.mean()), "clip_score_ci": [float(np.quantile(boots, alpha / 2)),
-                                                                 float(np.quantile(boots, 1 - alpha / 2))],
-            "lower_is_better": False, "per_prompt": per_prompt}
+    mean, ci, _ = bootstrap_mean(list(per_prompt.values()), metrics.alpha, metrics.n_boot, metrics.seed)
+    return {"clip_score": mean, "clip_score_ci": list(ci), "lower_is_better": False, "per_prompt": per_prompt}
 
 
 def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | None = None, progress: bool = True,
@@ -247,7 +247,7 @@ def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | Non
         "faces": {"n_images": len(records), "n_faces": int(n_face),
                   "no_face_rate": 1 - n_face / len(records) if records else None, "lower_is_better": True},
         "attributes": attributes,
-        "quality": quality_summary(prompts, records, rows, config.metrics.alpha) if config.metrics.clip_score
+        "quality": quality_summary(prompts, records, rows, config.metrics) if config.metrics.clip_score
         else None,
     }
     predictions = []

@@ -5,8 +5,9 @@ tokens under the policy and, for the DPO-style variants, under a reference) and 
 tested by hand and reused by any trainer.
 
 * :func:`balanced_preference_loss` (BPO, arXiv 2502.03429 section 4): pulls two images of different demographic
-  groups, drawn for the same neutral prompt, towards equal likelihood. No reference model.
-* :func:`balanced_preference_loss_all_pairs`: the K-group form, the mean over all K(K-1)/2 group pairs of a prompt.
+  groups, drawn for the same neutral prompt, towards equal likelihood. No reference model. With K groups the pairs
+  of :func:`pair_indices` cover all K(K-1)/2 group pairs of a prompt, and the mean over pairs is the K-group loss.
+  :func:`balanced_preference_loss_from_logits` is the same loss on a given ``D`` (the diffusion trainer's).
 * :func:`dpo_loss`, :func:`ipo_loss`: the standard preference losses with a reference, for comparison.
 * :func:`frequency_weights` and :func:`reweighted_likelihood_loss`: an on-policy objective on the group *frequencies*
   themselves (BPO equalises likelihoods, which does not equalise how often each group is sampled).
@@ -78,48 +79,26 @@ def balanced_preference_loss(
     Returns:
         The reduced loss.
     """
-    d = beta * (log_odds(mean_logp_i) - log_odds(mean_logp_j))
-    # sigmoid(d) - 1/2 == tanh(d/2) / 2: tanh is odd in floating point too, so swapping i and j gives the exact
-    # same loss, and it keeps full precision near d = 0 where sigmoid(d) - 1/2 cancels.
-    per_pair = torch.log1p(0.25 * torch.tanh(0.5 * d) ** 2)
-    return _reduce(per_pair, reduction)
+    return balanced_preference_loss_from_logits(beta * (log_odds(mean_logp_i) - log_odds(mean_logp_j)), reduction)
 
 
-def all_pairs(k: int) -> list[tuple[int, int]]:
-    """The ``k(k-1)/2`` unordered index pairs ``(a, b)``, ``a < b``, of ``k`` groups, in lexicographic order."""
-    if k < 0:
-        raise ValueError(f"all_pairs: k must be >= 0, got {k}")
-    return list(itertools.combinations(range(k), 2))
+def balanced_preference_loss_from_logits(d: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The balanced preference loss ``log(1 + (sigmoid(D) - 1/2)^2)`` of given pair logits ``D``.
 
-
-def balanced_preference_loss_all_pairs(
-    mean_logps: torch.Tensor, beta: float = 1.0, present: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The K-group BPO loss: the mean of :func:`balanced_preference_loss` over all K(K-1)/2 group pairs.
-
-    Row ``n`` holds one image per group for one neutral prompt; every unordered pair of its groups contributes one
-    term, and the result is the mean over all (row, pair) terms, so each pair of groups weighs the same.
+    :func:`balanced_preference_loss` takes ``D`` from the two images' log-odds; a trainer with another likelihood
+    surrogate (the diffusion trainer's denoising errors) passes its own ``D``. 0 exactly at ``D = 0``, bounded by
+    ``log 1.25``.
 
     Args:
-        mean_logps: ``(N, K)`` mean per-token log-probs, column ``k`` = the image of group ``k``.
-        beta: log-odds scale.
-        present: optional ``(N, K)`` bool mask of the groups that have an image in row ``n``; pairs with a missing
-            group are left out of the mean.
+        d: ``(B,)`` pair logits, ``D > 0`` when image ``i`` is the likelier one.
+        reduction: ``"mean"`` (mean over pairs), ``"sum"`` or ``"none"`` (``(B,)`` per-pair losses).
 
     Returns:
-        Scalar loss (0 when no pair is present).
+        The reduced loss.
     """
-    n, k = mean_logps.shape
-    pairs = all_pairs(k)
-    if not pairs:
-        return mean_logps.sum() * 0.0
-    a = torch.tensor([p[0] for p in pairs], device=mean_logps.device)
-    b = torch.tensor([p[1] for p in pairs], device=mean_logps.device)
-    per = balanced_preference_loss(mean_logps[:, a], mean_logps[:, b], beta, reduction="none")  # (N, P)
-    if present is None:
-        return per.mean()
-    valid = (present[:, a] & present[:, b]).to(per.dtype)
-    return (per * valid).sum() / valid.sum().clamp(min=1.0)
+    # sigmoid(d) - 1/2 == tanh(d/2) / 2: tanh is odd in floating point too, so swapping i and j gives the exact
+    # same loss, and it keeps full precision near d = 0 where sigmoid(d) - 1/2 cancels.
+    return _reduce(torch.log1p(0.25 * torch.tanh(0.5 * d) ** 2), reduction)
 
 
 def dpo_loss(
@@ -214,34 +193,39 @@ def reweighted_likelihood_loss(
 
 
 def pair_indices(
-    prompts: Sequence[Hashable], groups: Sequence[Hashable], order: Sequence[Hashable] | None = None
+    prompts: Sequence[Hashable], groups: Sequence[Hashable], order: Sequence[Hashable] | None = None, *,
+    rows: Sequence[int] | None = None, every: bool = False,
 ) -> list[tuple[int, int]]:
     """Pairs of row indices ``(i, j)`` of different groups for the same prompt, built explicitly by index.
 
     For each prompt, and for each of the K(K-1)/2 unordered pairs of groups ``(a, b)`` present for it (``a`` before
-    ``b`` in ``order``, default sorted), the n-th row of group ``a`` is paired with the n-th row of group ``b`` (rows
-    in their input order), for ``n < min(count_a, count_b)``. On balanced data (the same number of rows per group
-    and prompt) every row therefore appears in exactly K-1 pairs, once with each other group.
+    ``b`` in ``order``, default sorted), rows of group ``a`` are paired with rows of group ``b`` (rows in the order
+    of ``rows``): by default the n-th with the n-th, for ``n < min(count_a, count_b)``, so on balanced data (the
+    same number of rows per group and prompt) every row appears in exactly K-1 pairs, once with each other group;
+    with ``every``, each row of ``a`` with each row of ``b`` (``count_a * count_b`` pairs).
 
     Args:
         prompts: the neutral prompt (or any key, e.g. ``(prompt, attribute)``) of each row.
         groups: the group of each row.
         order: group order deciding which group is ``i`` in a pair; groups missing from it come after, sorted.
+        rows: the row indices to pair, in the order rows are matched (e.g. after a filter, or sorted by seed); all
+            rows in input order when None.
+        every: pair every row of one group with every row of the other instead of the n-th with the n-th.
 
     Returns:
-        ``[(i, j), ...]`` row indices, ordered by prompt (first appearance), then group pair, then n.
+        ``[(i, j), ...]`` row indices, ordered by prompt (first appearance), then group pair, then row.
     """
     if len(prompts) != len(groups):
         raise ValueError(f"pair_indices: {len(prompts)} prompts but {len(groups)} groups")
     rank = {g: n for n, g in enumerate(order or [])}
-    rows: dict[Hashable, dict[Hashable, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for index, (prompt, group) in enumerate(zip(prompts, groups)):
-        rows[prompt][group].append(index)
+    by_prompt: dict[Hashable, dict[Hashable, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for index in range(len(prompts)) if rows is None else rows:
+        by_prompt[prompts[index]][groups[index]].append(int(index))
     pairs: list[tuple[int, int]] = []
-    for by_group in rows.values():
+    for by_group in by_prompt.values():
         names = sorted(by_group, key=lambda g: (rank.get(g, len(rank)), str(g)))
         for a, b in itertools.combinations(names, 2):
-            pairs.extend(zip(by_group[a], by_group[b]))
+            pairs.extend(itertools.product(by_group[a], by_group[b]) if every else zip(by_group[a], by_group[b]))
     return pairs
 
 

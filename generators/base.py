@@ -47,7 +47,9 @@ class GeneratorConfig:
     )
     revision: str | None = option(None, help="hub revision (branch, tag or commit) to pin the weights")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", help="weights and compute dtype")
-    device: str = option("auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
+    device: str = option(
+        "auto", help="torch device: auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:1, mps"
+    )
     batch_size: int = option(8, help="images per forward batch (CFG doubles it internally)")
     adapter: str | None = option(None, help="PEFT adapter directory applied to the model (LoRA from `debias train`)")
     merge_adapter: bool = option(False, help="merge the adapter into the base weights (faster sampling)")
@@ -140,11 +142,17 @@ def parse_settings(cls: type, config: GeneratorConfig):
 
 
 def resolve_device(device: str) -> str:
+    """The torch device a ``device`` option names: ``auto`` is cuda if available, else mps if available, else cpu;
+    anything else (``cpu``, ``cuda:1``, ...) is returned as given."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def torch_dtype(name: str):

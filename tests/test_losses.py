@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from debias.losses import (
-    all_pairs,
     balanced_preference_loss,
-    balanced_preference_loss_all_pairs,
+    balanced_preference_loss_from_logits,
     dpo_loss,
     frequency_weights,
     ipo_loss,
@@ -58,7 +57,30 @@ def test_log_odds_is_finite_and_accurate_at_extremes():
     assert torch.isfinite(g.grad).all()
 
 
-def test_all_pairs_form_is_the_mean_over_every_group_pair():
+def all_pairs(k: int) -> list[tuple[int, int]]:
+    """The ``k(k-1)/2`` unordered index pairs ``(a, b)``, ``a < b``, of ``k`` groups, in lexicographic order."""
+    return list(itertools.combinations(range(k), 2))
+
+
+def balanced_preference_loss_all_pairs(
+    mean_logps: torch.Tensor, beta: float = 1.0, present: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Oracle of the K-group BPO loss: the mean of the pair loss over all K(K-1)/2 group pairs of every row.
+
+    Row ``n`` holds one image per group for one neutral prompt (column ``k`` = group ``k``); ``present`` masks the
+    groups that have an image, pairs with a missing group are left out of the mean.
+    """
+    pairs = all_pairs(mean_logps.shape[1])
+    a = torch.tensor([p[0] for p in pairs])
+    b = torch.tensor([p[1] for p in pairs])
+    per = balanced_preference_loss(mean_logps[:, a], mean_logps[:, b], beta, reduction="none")  # (N, P)
+    if present is None:
+        return per.mean()
+    valid = (present[:, a] & present[:, b]).to(per.dtype)
+    return (per * valid).sum() / valid.sum()
+
+
+def test_all_pairs_oracle_is_the_mean_over_every_group_pair():
     torch.manual_seed(0)
     logps = -torch.rand(3, 4) * 5
     expected = torch.stack([
@@ -72,6 +94,35 @@ def test_all_pairs_form_is_the_mean_over_every_group_pair():
                        for a, b in all_pairs(4)], 1)
     mask = torch.tensor([[not (n == 0 and 3 in pair) for pair in all_pairs(4)] for n in range(3)])
     assert torch.allclose(balanced_preference_loss_all_pairs(logps, 0.7, present), per[mask].mean())
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_pairs_by_index_give_the_k_group_loss(drop):
+    # What the trainers compute: pair_indices over image rows, then the pair loss of each pair, mean over pairs.
+    torch.manual_seed(0)
+    logps = -torch.rand(3, 4) * 5  # 3 prompts x 4 groups, one image each
+    present = torch.ones(3, 4, dtype=torch.bool)
+    if drop:
+        present[0, 3] = False  # prompt 0 has no image of group 3
+    cells = [(n, g) for n in range(3) for g in range(4) if present[n, g]]
+    perm = torch.randperm(len(cells)).tolist()  # the row order must not matter
+    cells = [cells[i] for i in perm]
+    flat = torch.stack([logps[n, g] for n, g in cells])
+    pairs = pair_indices([n for n, _ in cells], [g for _, g in cells])
+    i, j = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    got = balanced_preference_loss(flat[i], flat[j], 0.7)
+    assert len(pairs) == 3 * 6 - 3 * drop
+    assert torch.allclose(got, balanced_preference_loss_all_pairs(logps, 0.7, present if drop else None))
+
+
+def test_bpo_from_logits_is_the_loss_of_d():
+    d = torch.tensor([-3.0, -0.5, 0.0, 2.5], dtype=torch.float64)
+    expected = torch.log1p((torch.sigmoid(d) - 0.5) ** 2)
+    got = balanced_preference_loss_from_logits(d, "none")
+    assert torch.allclose(got, expected, rtol=1e-12, atol=0.0)
+    assert torch.equal(got, balanced_preference_loss_from_logits(-d, "none"))
+    assert balanced_preference_loss_from_logits(torch.zeros(3)).item() == 0.0
+    assert balanced_preference_loss_from_logits(d).item() == pytest.approx(expected.mean().item(), rel=1e-12)
 
 
 def test_dpo_and_ipo_match_their_formulas():
@@ -113,6 +164,11 @@ def test_pair_indices_cover_every_group_pair_of_every_prompt(k):
 def test_pair_indices_follow_the_given_group_order():
     pairs = pair_indices(["p", "p", "p"], ["male", "female", "male"], order=["female", "male"])
     assert pairs == [(1, 0)]  # female first, paired with the first male row; the second male has no partner
+    prompts, groups, order = ["p", "p", "p"], ["male", "female", "male"], ["female", "male"]
+    # the given rows, in their order: the filter drops row 0, so row 2 is now the first male row
+    assert pair_indices(prompts, groups, order, rows=[2, 1]) == [(1, 2)]
+    # every: each female row with each male row
+    assert pair_indices(prompts, groups, order, every=True) == [(1, 0), (1, 2)]
 
 
 def test_frequency_weights_hard_soft_and_clip():

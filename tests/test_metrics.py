@@ -34,7 +34,9 @@ def test_rd_hand_values():
     assert M.rd([0.7, 0.3]) == pytest.approx(0.4)
     # pairs: .1 .2 .3 .1 .2 .1 -> 1.0 / 6
     assert M.rd([0.4, 0.3, 0.2, 0.1]) == pytest.approx(1.0 / 6)
-    assert M.rd([0.25] * 4) == pytest.approx(0.0)
+    assert M.rd([0.25] * 4) == 0.0
+    assert M.rd([0.8, 0.2]) == pytest.approx(0.6)
+    assert M.rd([0.7, 0.1, 0.1, 0.1]) == pytest.approx((3 * 0.6 + 3 * 0.0) / 6)
     np.testing.assert_allclose(M.rd([[0.5, 0.5], [0.9, 0.1]]), [0.0, 0.8])
 
 

@@ -388,15 +388,6 @@ def test_frequency_objective_moves_sampled_shares_toward_target(tmp_path):
     assert all(0 <= c["monitor/rd_lowhigh"] <= 1 for c in checks)
 
 
-def test_representation_disparity_matches_the_paper_definition():
-    from debias.train.callbacks import representation_disparity
-
-    assert representation_disparity(torch.tensor([0.8, 0.2])).item() == pytest.approx(0.6)
-    four = torch.tensor([0.7, 0.1, 0.1, 0.1])
-    assert representation_disparity(four).item() == pytest.approx((3 * 0.6 + 3 * 0.0) / 6)
-    assert representation_disparity(torch.tensor([0.25] * 4)).item() == 0.0
-
-
 # ---------------------------------------------------------------------------------------------------- launch
 
 

@@ -82,17 +82,6 @@ class SwapConfig:
 # -------------------------------------------------------------------------------------------------- statistics
 
 
-def _rd_rows(counts: np.ndarray) -> np.ndarray:
-    """RD of each row of class counts (..., K); NaN where a row has no count."""
-    from audit.metrics import _rd, shares_from_counts
-
-    s = shares_from_counts(counts)
-    out = np.full(s.shape[:-1], np.nan)
-    ok = ~np.isnan(s).any(axis=-1)
-    out[ok] = _rd(s[ok])
-    return out
-
-
 def _effects(r: np.ndarray) -> dict[str, float]:
     """Effects from the cell means ``r[l, d]`` (index 0 base, 1 tuned)."""
     total = r[1, 1] - r[0, 0]
@@ -123,7 +112,7 @@ def factorial_effects(labels: np.ndarray, k: int, n_boot: int = 1000, alpha: flo
         ``language_main``, ``vision_main``, ``interaction``, ``language_only``, ``vision_only``) with ``*_ci``; and
         ``language_share`` / ``vision_share`` with intervals (replicates with ``|total| < min_total`` are dropped).
     """
-    from audit.metrics import percentile_ci
+    from audit.metrics import percentile_ci, rd, shares_from_counts
 
     lab = np.asarray(labels)
     if lab.ndim != 4 or lab.shape[:2] != (2, 2):
@@ -132,7 +121,7 @@ def factorial_effects(labels: np.ndarray, k: int, n_boot: int = 1000, alpha: flo
         raise UserError(f"factorial_effects: labels must be -1 or in [0, {k}), got {lab.min()}..{lab.max()}")
     onehot = (lab[..., None] == np.arange(k)).astype(np.int64)  # (2, 2, P, S, K)
     counts = onehot.sum(axis=3)  # (2, 2, P, K)
-    per_prompt = _rd_rows(counts)  # (2, 2, P)
+    per_prompt = rd(shares_from_counts(counts))  # (2, 2, P); NaN where no face
     valid = ~np.isnan(per_prompt).any(axis=(0, 1))
     n = int(valid.sum())
     out: dict[str, Any] = {"n_prompts": n, "n_prompts_dropped": int(len(valid) - n)}
@@ -149,7 +138,7 @@ def factorial_effects(labels: np.ndarray, k: int, n_boot: int = 1000, alpha: flo
         pi = rng.integers(0, P, P)
         si = rng.integers(0, S, (P, S))
         c = onehot[:, :, pi[:, None], si].sum(axis=3)  # (2, 2, P, K)
-        rb = np.nanmean(_rd_rows(c), axis=2)
+        rb = np.nanmean(rd(shares_from_counts(c)), axis=2)
         reps["cells"][b] = rb
         for key, v in _effects(rb).items():
             reps[key][b] = v
@@ -170,8 +159,7 @@ def factorial_effects(labels: np.ndarray, k: int, n_boot: int = 1000, alpha: flo
             continue
         share = est[f"{name}_main"] / est["total"]
         out[f"{name}_share"] = float(share)
-        out[f"{name}_share_ci"] = list(np.quantile(main[ok] / reps["total"][ok], [alpha / 2, 1 - alpha / 2])
-                                       .astype(float)) if ok.any() else None
+        out[f"{name}_share_ci"] = list(percentile_ci(main[ok] / reps["total"][ok], alpha)) if ok.any() else None
     return out
 
 

@@ -319,12 +319,13 @@ def sample_answers(model, tokenizer, questions: Sequence[str], seeds: Sequence[i
 
 
 def _mean_ci(values: Sequence[float], alpha: float, n_boot: int, seed: int) -> tuple[float | None, list | None]:
-    v = np.array([x for x in values if x is not None], dtype=float)
-    if not len(v):
+    from audit.metrics import bootstrap_mean
+
+    v = [x for x in values if x is not None]
+    if not v:
         return None, None
-    rng = np.random.default_rng(seed)
-    boots = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-    return float(v.mean()), [float(np.quantile(boots, alpha / 2)), float(np.quantile(boots, 1 - alpha / 2))]
+    mean, ci, _ = bootstrap_mean(v, alpha, n_boot, seed)
+    return mean, list(ci)
 
 
 def understanding_probe(model, tokenizer, occupations: Sequence[str], config: UnderstandingConfig | None = None,

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from audit.metrics import rd
 from debias.train.common import Classify, classify_tokens
-
-
-def representation_disparity(shares: torch.Tensor) -> torch.Tensor:
-    """RD of class shares: mean over unordered class pairs ``i < j`` of ``|f_i - f_j|`` (Shen et al., ICLR 2024).
-
-    Two classes: ``|f_0 - f_1|`` (gender RD = |f_male - f_female|). Ranges: 0..1 (K=2), 0..0.5 (K=4).
-
-    Args:
-        shares: ``(..., K)`` class shares.
-
-    Returns:
-        ``(...)`` RD values.
-    """
-    k = shares.shape[-1]
-    pairs = list(itertools.combinations(range(k), 2))
-    if not pairs:
-        return shares.new_zeros(shares.shape[:-1])
-    return torch.stack([(shares[..., i] - shares[..., j]).abs() for i, j in pairs], -1).mean(-1)
 
 
 class GroupShareCallback(TrainerCallback):
@@ -91,7 +74,7 @@ class GroupShareCallback(TrainerCallback):
         finally:
             model.train(was_training)
         shares = torch.stack(per_prompt)  # (P, K)
-        out = {f"monitor/rd_{self.attribute}": representation_disparity(shares).mean().item()}
+        out = {f"monitor/rd_{self.attribute}": float(np.mean(rd(shares.double().cpu().numpy())))}
         out.update({f"monitor/share_{c}": v for c, v in zip(self.classes, shares.mean(0).tolist())})
         return out
 

@@ -157,8 +157,7 @@ def bpo_pairs(table, order: Sequence[str] | None = None):
     cols = columns(table, ["prompt", "attribute", "group", "seed", "tokens"])
     prompts, attrs, groups, seeds, tokens = (cols[c] for c in ("prompt", "attribute", "group", "seed", "tokens"))
     by_seed = sorted(range(len(table)), key=lambda i: (int(seeds[i]), i))
-    keys = [(prompts[i], attrs[i]) for i in by_seed]
-    pairs = [(by_seed[a], by_seed[b]) for a, b in pair_indices(keys, [groups[i] for i in by_seed], order)]
+    pairs = pair_indices(list(zip(prompts, attrs)), groups, order, rows=by_seed)
     if not pairs:
         raise UserError(
             "config key 'train.dataset': no neutral prompt has images of two different groups, so BPO has no pairs; "

@@ -41,6 +41,7 @@ Notation: ``y`` an image, ``z_0 = VAE(y)`` its latent, ``c`` the embedding of it
   bounded by ``log 1.25``, and its gradient ``2 (s - 1/2) s (1 - s) / (1 + (s - 1/2)^2) * dD`` (``s = sigmoid(D)``)
   lowers the likelier image and raises the other. With K groups every unordered pair of images of different groups
   of a prompt is a pair (``K(K-1)/2`` group pairs x images), and the loss is the mean over the pairs of a batch.
+  It is :func:`debias.losses.balanced_preference_loss_from_logits`, the Janus trainer's loss on this ``D``.
 
   Reference. The paper's BPO has NO reference model, and that is the default here (``reference: auto`` = ``none``
   for ``bpo``). With the reference = the model with the adapter disabled (``reference: base``), ``r`` measures how
@@ -54,8 +55,8 @@ Notation: ``y`` an image, ``z_0 = VAE(y)`` its latent, ``c`` the embedding of it
   ``loss_dpo = -log sigmoid(D)``. Wallace et al. write ``-0.5 * beta_dpo * (model_diff - ref_diff)``, so their
   ``beta_dpo`` is ``2 * beta`` here (their SD 1.5 setting 5000 is ``beta = 2500``, the default for ``dpo``).
 
-Pairs are built explicitly by row index (:func:`build_pairs`), never cyclically or by position arithmetic (the
-published code's race pairing skipped pairs, DESIGN.md).
+Pairs are built explicitly by row index (:func:`build_pairs`, on :func:`debias.losses.pair_indices`), never
+cyclically or by position arithmetic (the published code's race pairing skipped pairs, DESIGN.md).
 
 Training
 --------
@@ -82,6 +83,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from debias.losses import balanced_preference_loss_from_logits, pair_indices
 from generators.config import ConfigError, UserError, from_dict, option, to_dict
 
 log = logging.getLogger(__name__)
@@ -181,11 +183,6 @@ class DiffusionTrainConfig:
 # Losses and pairs (pure functions)
 # ----------------------------------------------------------------------------------------------------------------
 
-def balanced_preference_loss(d: torch.Tensor) -> torch.Tensor:
-    """Per-pair balanced preference loss ``log(1 + (sigmoid(D) - 1/2)^2)``: 0 exactly at ``D = 0``, max ``log 1.25``."""
-    return torch.log1p((torch.sigmoid(d) - 0.5) ** 2)
-
-
 def dpo_sigmoid_loss(d: torch.Tensor) -> torch.Tensor:
     """Per-pair Diffusion-DPO loss ``-log sigmoid(D)`` (``D = beta (r_w - r_l)``; ``log 2`` at ``D = 0``)."""
     return -F.logsigmoid(d)
@@ -216,9 +213,9 @@ def build_pairs(
     rows: Sequence[int] | None = None,
     preferred: str | dict[str, str] | None = None,
 ) -> np.ndarray:
-    """All pairs of rows of different groups for the same prompt, built explicitly by row index.
+    """All pairs of rows of different groups for the same prompt: :func:`debias.losses.pair_indices` with ``every``.
 
-    For each prompt, every unordered pair of its rows ``i < j`` whose groups differ is one pair: with ``K`` groups of
+    For each prompt, every row of one group is paired with every row of each other group: with ``K`` groups of
     ``n`` images each that is ``K(K-1)/2 * n^2`` pairs, every cross-group combination exactly once.
 
     Args:
@@ -227,33 +224,25 @@ def build_pairs(
         rows: the row indices to pair (e.g. after a confidence filter); all rows when ``None``.
         preferred: for DPO, the chosen group (one name, or a mapping prompt -> name): only pairs with exactly one
             image of that group are kept, ordered ``(chosen, rejected)``. ``None`` keeps all pairs as ``(i, j)``
-            with ``i < j``.
+            with ``i`` before ``j`` in ``rows``.
 
     Returns:
         ``(N, 2)`` int64 array of row indices, ordered by prompt (first appearance), then ``i``, then ``j``.
     """
-    if len(prompts) != len(groups):
-        raise ValueError(f"build_pairs: {len(prompts)} prompts but {len(groups)} groups")
-    by_prompt: dict[str, list[int]] = {}
-    for i in (range(len(prompts)) if rows is None else rows):
-        by_prompt.setdefault(prompts[i], []).append(int(i))
-    out = []
-    for prompt, idx in by_prompt.items():
-        idx_arr = np.asarray(idx, dtype=np.int64)
-        names = [groups[i] for i in idx]
-        codes = np.unique(names, return_inverse=True)[1]
-        a, b = np.triu_indices(len(idx), k=1)
-        keep = codes[a] != codes[b]
-        a, b = a[keep], b[keep]
-        if preferred is not None:
-            chosen = preferred if isinstance(preferred, str) else preferred.get(prompt)
-            is_a = np.asarray([names[k] == chosen for k in a], dtype=bool)
-            is_b = np.asarray([names[k] == chosen for k in b], dtype=bool)
-            keep = is_a | is_b  # groups differ, so at most one side is the chosen group
-            a, b, is_b = a[keep], b[keep], is_b[keep]
-            a, b = np.where(is_b, b, a), np.where(is_b, a, b)
-        out.append(np.stack([idx_arr[a], idx_arr[b]], axis=1))
-    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
+    position = {int(r): n for n, r in enumerate(range(len(prompts)) if rows is None else rows)}
+    prompt_rank: dict[str, int] = {}
+    for r in position:
+        prompt_rank.setdefault(prompts[r], len(prompt_rank))
+    # Row order, not group order, so the training set's order (hence its shuffled batches) does not depend on the
+    # group names.
+    pairs = sorted((tuple(sorted(p, key=position.get)) for p in pair_indices(prompts, groups, rows=rows, every=True)),
+                   key=lambda p: (prompt_rank[prompts[p[0]]], position[p[0]], position[p[1]]))
+    if preferred is not None:
+        chosen = [preferred if isinstance(preferred, str) else preferred.get(prompts[i]) for i, _ in pairs]
+        # groups differ within a pair, so at most one side is the chosen group
+        pairs = [(i, j) if groups[i] == c else (j, i)
+                 for (i, j), c in zip(pairs, chosen) if c in (groups[i], groups[j])]
+    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,7 +386,7 @@ class DiffusionParts:
     def preference_loss(self, objective: str, pixels_i, pixels_j, prompts, generator, beta, reference):
         """Mean per-pair ``bpo`` or ``dpo`` loss, with stats (mean ``D``, mean ``|sigmoid(D) - 1/2|``)."""
         d, stats = self.pair_logits(pixels_i, pixels_j, prompts, generator, beta, reference)
-        per = balanced_preference_loss(d) if objective == "bpo" else dpo_sigmoid_loss(d)
+        per = balanced_preference_loss_from_logits(d, "none") if objective == "bpo" else dpo_sigmoid_loss(d)
         dd = d.detach()
         stats.update(D=dd.mean().item(), imbalance=(torch.sigmoid(dd) - 0.5).abs().mean().item())
         if objective == "dpo":
