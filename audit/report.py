@@ -11,7 +11,7 @@ the characters that would break a table or turn into raw HTML.
 
 Reusable pieces for other report sections (the locate probes, a classifier bias card, the before/after compare):
 :func:`render_html`, :func:`render_markdown`, :func:`html_fragment`, :func:`figure_data_uri`,
-:func:`image_data_uri`, :func:`image_grid_html`, :func:`image_grid_uri`, :func:`fmt_num`, and :class:`Section`
+:func:`image_data_uri`, :func:`image_grid_html`, :func:`fmt_num`, and :class:`Section`
 for extra sections appended by :func:`write_report`.
 """
 
@@ -446,55 +446,6 @@ def image_grid_html(images: Sequence[Any], captions: Sequence[str], flags: Seque
         uri, px = thumbnail_uri(im, size)
         tiles.append({"uri": uri, "caption": cap, "flag": flag, "title": title, "px": px})
     return Markup(render_html("_grid.html.j2", tiles=tiles))
-
-
-def image_grid_uri(images: Sequence[Any], captions: Sequence[str] | None = None, ncols: int = 8,
-                   size: int = THUMB_PX, pad: int = 6, background: str = "#ffffff") -> str:
-    """Compose images into one PNG contact sheet (captions drawn under each tile) and return its data URI.
-
-    Use it where one image is needed (a Markdown attachment, a model card); in HTML prefer
-    :func:`image_grid_html`, whose captions stay selectable text.
-
-    Args:
-        images: PIL images (None leaves a blank tile).
-        captions: One short caption per image, or None for none.
-        ncols: Tiles per row.
-        size: Tile size in pixels.
-        pad: Gap between tiles in pixels.
-        background: Sheet colour.
-
-    Returns:
-        ``data:image/png;base64,...``.
-
-    Raises:
-        UserError: No images, ``ncols`` < 1, or captions of the wrong length.
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    if not images:
-        raise UserError("images: got an empty list; pass at least one image")
-    if ncols < 1:
-        raise UserError(f"ncols: must be >= 1, got {ncols}; e.g. 8")
-    if captions is not None and len(captions) != len(images):
-        raise UserError(f"captions: got {len(captions)} for {len(images)} images; pass one caption per image")
-    font = ImageFont.load_default(size=max(9, size // 11))
-    cap_h = (font.size + 4) if captions is not None else 0
-    ncols = min(ncols, len(images))
-    nrows = math.ceil(len(images) / ncols)
-    sheet = Image.new("RGB", (ncols * (size + pad) + pad, nrows * (size + cap_h + pad) + pad), background)
-    draw = ImageDraw.Draw(sheet)
-    for i, im in enumerate(images):
-        x = pad + (i % ncols) * (size + pad)
-        y = pad + (i // ncols) * (size + cap_h + pad)
-        if im is not None:
-            thumb, _ = thumbnail(im, size)
-            sheet.paste(thumb, (x + (size - thumb.width) // 2, y + (size - thumb.height) // 2))
-        if captions is not None:
-            text = str(captions[i])
-            while text and draw.textlength(text, font=font) > size:
-                text = text[:-2] + "…" if len(text) > 1 else ""
-            draw.text((x, y + size + 2), text, fill="#52606d", font=font)
-    return image_data_uri(sheet, "png")
 
 
 # ------------------------------------------------------------------------------------------------- prompt labels
@@ -1045,7 +996,7 @@ def write_report_from_run(run_dir: str | Path, extra_sections: Sequence[Section]
 
 __all__ = [
     "Section", "write_report", "write_report_from_run", "render_html", "render_markdown", "html_fragment",
-    "figure_data_uri", "image_data_uri", "thumbnail", "thumbnail_uri", "image_grid_html", "image_grid_uri",
+    "figure_data_uri", "image_data_uri", "thumbnail", "thumbnail_uri", "image_grid_html",
     "load_image", "prompt_labels", "shares_figure", "joint_heatmap_figure", "prompt_heatmap_figure", "fmt_num",
     "fmt_pct", "fmt_ci", "fmt_signed", "fmt_seeds", "md_escape", "md_code", "metric_direction", "slugify",
     "joint_parts", "prediction_caption", "identity_rows", "PALETTE", "TEMPLATE_DIR",

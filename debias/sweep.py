@@ -10,8 +10,11 @@ import copy
 from pathlib import Path
 from typing import Any, Sequence
 
+from audit.report import render_markdown
 from audit.store import atomic_write_bytes, atomic_write_json, check_writable
 from generators.config import UserError
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
 def run_guidance_sweep(config, out: str | Path, scales: Sequence[float], progress: bool = True,
@@ -35,14 +38,8 @@ def run_guidance_sweep(config, out: str | Path, scales: Sequence[float], progres
         row["clip_score"] = (metrics.get("quality") or {}).get("clip_score")
         rows.append(row)
     attrs = [k[:-3] for k in rows[0] if k.endswith("_rd")]
-    lines = ["| guidance | " + " | ".join(f"{a} RD (lower is better)" for a in attrs) + " | CLIP score |",
-             "|---:|" + "---:|" * (len(attrs) + 1)]
-    for r in rows:
-        cells = [f"{r[a + '_rd']:.3f} [{r[a + '_rd_ci'][0]:.3f}, {r[a + '_rd_ci'][1]:.3f}]"
-                 if r[a + "_rd"] is not None else "n/a" for a in attrs]
-        score = f"{r['clip_score']:.2f}" if r["clip_score"] is not None else "n/a"
-        lines.append(f"| {r['guidance_scale']:g} | " + " | ".join(cells) + f" | {score} |")
-    table = {"rows": rows, "markdown": "\n".join(lines)}
+    md = render_markdown("sweep.md.j2", TEMPLATES, rows=rows, attrs=attrs)
+    table = {"rows": rows, "markdown": md.removesuffix("\n")}
     atomic_write_json(out / "sweep.json", table)
-    atomic_write_bytes(out / "sweep.md", (table["markdown"] + "\n").encode())
+    atomic_write_bytes(out / "sweep.md", md.encode())
     return table

@@ -10,20 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from audit.card import (
-    CardConfig,
+from audit.card import CardConfig, build_card, card_section, check_card, validate_card_inputs
+from audit.card.data import builtin_person_free, lab_occupation_pairs, lab_representation_prompts
+from audit.card.measures import (
     association_gap,
-    build_card,
-    builtin_person_free,
-    card_section,
-    check_card,
     head_deviation,
-    lab_occupation_pairs,
-    lab_representation_prompts,
     measured_deviation,
     preference_rate,
     representation_bias,
-    validate_card_inputs,
     warn_rule,
 )
 from audit.classify import ClipClassifier, tiny_clip
@@ -187,11 +181,11 @@ def test_biased_tiny_classifier_is_flagged_by_the_card(tmp_path):
     assert "+0." in section.html and "nurse / doctor" in section.html
     # Cached by identity: with the in-process memo cleared, a second build reads the run folder's stage file
     # (marked here) instead of recomputing; another classifier gets another key.
-    import audit.card
+    from audit.card import cache
 
     cached = list((tmp_path / "stages").glob("card-*.json"))
     assert len(cached) == 1
-    audit.card._MEMO.clear()
+    cache._MEMO.clear()
     cached[0].write_text(json.dumps({**json.loads(cached[0].read_text()), "marker": 1}))
     assert build_card(clf, config, run_dir=tmp_path)["marker"] == 1
     other = ClipClassifier({"model": "tiny", "device": "cpu", "attributes": MAN_WOMAN_ATTRIBUTE}, *tiny_clip(seed=9))

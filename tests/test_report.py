@@ -20,7 +20,6 @@ from audit.report import (
     Section,
     fmt_num,
     html_fragment,
-    image_grid_uri,
     prompt_labels,
     render_html,
     write_report,
@@ -203,9 +202,6 @@ def test_helpers():
     assert labels == ["a cardiologist", "an accountant"]
     assert template == "A photo of the face of … , a person"
     assert prompt_labels(["x", "y"]) == (["x", "y"], None)
-    uri = image_grid_uri([Image.new("RGB", (32, 32), "red")] * 3, ["a", "b", "c"], ncols=2, size=64)
-    im = Image.open(__import__("io").BytesIO(base64.b64decode(uri.split(",", 1)[1])))
-    assert im.width == 2 * 64 + 3 * 6
     with pytest.raises(UserError, match="template 'nope.html.j2' not found"):
         render_html("nope.html.j2")
     assert fmt_num(None) == "—" and fmt_num(0.41249) == "0.412"
