@@ -219,7 +219,7 @@ def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | Non
     classifier = classifier or ClipClassifier(config.classifier)
     if images_dir is None and generator is None:
         # Load the generator here (after validating the prompts, as run_sample would) so the card can reuse it.
-        from generators.base import load_generator
+        from generators.backends import load_generator
 
         config.prompts.neutral_prompts()
         generator = load_generator(config.generator)

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import yaml
 
 from audit.store import RunStore, atomic_write_bytes, atomic_write_json, check_writable, content_key, environment
-from generators.base import Generator, load_generator
+from generators.backends import load_generator
+from generators.base import Generator
 from generators.config import to_dict
 
 

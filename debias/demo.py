@@ -81,7 +81,7 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
     from debias.locate.run import run_locate
     from debias.synth import run_synth
     from debias.train.run import run_train
-    from generators.base import load_generator
+    from generators.backends import load_generator
 
     out = check_writable(out)
     config = load_config(config_path, {"images_per_prompt": images_per_prompt, **(overrides or {})})

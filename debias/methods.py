@@ -29,7 +29,7 @@ def run_methods(out: str | Path, methods: Sequence[str] = METHOD_NAMES, config_p
     from audit.run import run_audit
     from debias.synth import run_synth
     from debias.train.run import run_train
-    from generators.base import load_generator
+    from generators.backends import load_generator
 
     out = check_writable(out)
     config = load_config(config_path, overrides)

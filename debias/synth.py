@@ -122,7 +122,7 @@ def run_synth(config, out: str | Path, generator=None, classifier=None, progress
 
     from audit.classify import ClipClassifier
     from audit.run import classify_store
-    from generators.base import load_generator
+    from generators.backends import load_generator
 
     sc: SynthConfig = config.synth
     out = check_writable(out)

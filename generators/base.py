@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image
 
 from generators.config import ConfigError, UserError, from_dict, option, to_dict
-from generators.registry import Registry
 
 
 @dataclass
@@ -121,19 +120,6 @@ def require(generator: Generator, capability: str, needed_by: str) -> None:
         have = ", ".join(sorted(generator.capabilities)) or "none"
         raise UserError(f"{needed_by} needs a generator with {capability} ({CAPABILITIES[capability]}); backend "
                         f"'{generator.config.backend}' ({type(generator).__name__}) has: {have}")
-
-
-GENERATORS: Registry = Registry("generator backend")
-GENERATORS.add_lazy("janus", "generators.janus:JanusGenerator")
-GENERATORS.add_lazy("diffusers", "generators.diffusers_backend:DiffusersGenerator")
-GENERATORS.add_lazy("lab", "generators.lab.generator:LabGenerator")
-
-
-def load_generator(config: GeneratorConfig | dict) -> Generator:
-    """Build the generator a config names (the backend is looked up in :data:`GENERATORS`)."""
-    if isinstance(config, dict):
-        config = from_dict(GeneratorConfig, config, prefix="generator")
-    return GENERATORS.get(config.backend)(config)
 
 
 def parse_settings(cls: type, config: GeneratorConfig):

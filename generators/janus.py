@@ -33,7 +33,8 @@ from generators.base import (
 )
 from generators.config import ConfigError, UserError, option
 from generators.janus_sequence import (
-    SpecialIds, encode_prompts, filter_logits, image_logits, image_token_logprobs, sample_image_tokens, unwrap,
+    SpecialIds, encode_prompts, filter_logits, image_logits, image_token_logprobs, is_peft_model, sample_image_tokens,
+    unwrap,
 )
 
 
@@ -209,9 +210,7 @@ class JanusGenerator:
         model of the same architecture; an unmerged PEFT model is merged into a copy)."""
         if model is None:
             return unwrap(self.model)
-        from peft import PeftModel
-
-        if isinstance(model, PeftModel):
+        if is_peft_model(model):
             import copy
 
             return copy.deepcopy(model).merge_and_unload()

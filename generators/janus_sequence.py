@@ -20,6 +20,7 @@ Used by sampling (:class:`generators.janus.JanusGenerator`), teacher-forced scor
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -50,7 +51,14 @@ class SpecialIds:
 
 def unwrap(model):
     """The Janus model under a PEFT wrapper (LoRA layers are injected in place, so they stay active)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def is_peft_model(model) -> bool:
+    """True for a PEFT-wrapped model. Without peft imported there can be none, so peft (slow to import) stays
+    off the sampling path."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 # ------------------------------------------------------------------------------------------------ prompts

@@ -195,7 +195,7 @@ def test_biased_tiny_classifier_is_flagged_by_the_card(tmp_path):
 def test_labelled_folder_and_generated_person_free_images(tmp_path):
     """Association from a labelled folder (root/gender/<class>/*.png), person-free images from a real generator."""
     from generators.lab.render import render_batch, to_uint8
-    from generators.base import load_generator
+    from generators.backends import load_generator
 
     rng = np.random.default_rng(5)
     for k, cls in enumerate(["male", "female"]):

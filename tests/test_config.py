@@ -2,7 +2,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from generators.base import GENERATORS, GeneratorConfig
+from generators.backends import GENERATORS
+from generators.base import GeneratorConfig
 from generators.config import ConfigError, explain, from_dict, option
 from generators.registry import Registry
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from debias.config import load_config
-from generators.base import GENERATORS, GeneratorConfig, parse_settings
+from generators.backends import GENERATORS
+from generators.base import GeneratorConfig, parse_settings
 from generators.config import ConfigError, from_dict, load_yaml, named_section
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

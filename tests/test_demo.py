@@ -56,7 +56,7 @@ def test_demo_runs_the_whole_loop_and_resumes(tmp_path, repo_root):
     summary = run_demo(out, path, progress=False, images_per_prompt=8)
 
     # Planted truth from the shipped world's own config: gender RD = mean |1 - 2 p_female| over the occupations.
-    world = yaml.safe_load((repo_root / "debias" / "lab" / "weights" / "world.yaml").read_text())
+    world = yaml.safe_load((repo_root / "generators" / "lab" / "weights" / "world.yaml").read_text())
     p = [world["occupations"][o]["p_female"] for o in cfg["prompts"]["occupations"]]
     assert summary["planted"]["gender_rd"] == pytest.approx(sum(abs(1 - 2 * x) for x in p) / len(p))
     for side in ("before", "after"):

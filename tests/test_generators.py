@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from generators.base import GeneratorConfig, load_generator
+from generators.backends import load_generator
+from generators.base import GeneratorConfig
 from generators.config import ConfigError
 from generators.janus import JanusGenerator
 from generators.janus_sequence import image_logits, image_token_logprobs

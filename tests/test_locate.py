@@ -331,7 +331,7 @@ def test_vision_probe_on_real_encoders_from_a_class_folder(planted, tmp_path):
             arr = np.clip(np.array(colour) + rng.normal(0, 25, (16, 16, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(tmp_path / cls / f"{i}.png")
     cfg = VisionProbeConfig(data=str(tmp_path), attribute="colour", folds=4)
-    r = vision_probe(planted.base, cfg)
+    r = vision_probe(janus_generator(planted.base, planted.tokenizer, "planted"), cfg)
     assert set(r["encoders"]) == {"vision", "aligned", "vq"}
     for enc in r["encoders"].values():
         a = enc["attributes"]["colour"]
@@ -340,7 +340,8 @@ def test_vision_probe_on_real_encoders_from_a_class_folder(planted, tmp_path):
     # Random labels on the same images: chance level.
     images = [Image.open(p).convert("RGB") for p in sorted(tmp_path.rglob("*.png"))]
     labels = {"random": list(np.random.default_rng(1).permutation(["x", "y"] * 16))}
-    shuffled = vision_probe(planted.base, VisionProbeConfig(encoders=["vq"], folds=4), images=images, labels=labels)
+    shuffled = vision_probe(janus_generator(planted.base, planted.tokenizer, "planted"),
+                            VisionProbeConfig(encoders=["vq"], folds=4), images=images, labels=labels)
     assert abs(shuffled["encoders"]["vq"]["attributes"]["random"]["accuracy"] - 0.5) <= 0.25
 
 
@@ -360,7 +361,7 @@ def test_vision_probe_reads_a_saved_hf_dataset_and_writes_its_own_report(planted
     features = datasets.Features({"image": datasets.Image(), "gender": datasets.ClassLabel(names=GENDER)})
     datasets.Dataset.from_dict({"image": images, "gender": genders}, features=features).save_to_disk(tmp_path / "ds")
     cfg = VisionProbeConfig(data=str(tmp_path / "ds"), label_columns=["gender"], encoders=["vq"], folds=3)
-    r = vision_probe(planted.base, cfg)
+    r = vision_probe(janus_generator(planted.base, planted.tokenizer, "planted"), cfg)
     a = r["encoders"]["vq"]["attributes"]["gender"]
     assert a["classes"] == ["female", "male"] and a["n"] == 24 and a["accuracy"] >= 0.9  # ClassLabel ids -> names
     section = write_probe(tmp_path / "alone", r)
@@ -370,7 +371,7 @@ def test_vision_probe_reads_a_saved_hf_dataset_and_writes_its_own_report(planted
 
 
 def test_component_swap_on_a_diffusion_pipeline(tmp_path):
-    from generators.base import load_generator
+    from generators.backends import load_generator
 
     gcfg = {"backend": "diffusers", "model": "tiny", "device": "cpu", "batch_size": 4,
             "sampling": {"num_inference_steps": 2, "guidance_scale": 3.0, "height": 32, "width": 32}}

@@ -121,7 +121,7 @@ def generator_block(classifier, generator, config: CardConfig, prompts: Sequence
     records = store.records(keys)
     images = [store.image(r) for r in records]
     n_face = 0
-    if faces is not None and getattr(faces, "detector", "none") != "none":
+    if faces is not None and faces.detector != "none":
         from audit.faces import detect_and_crop
 
         found = [r.face_found for r in detect_and_crop(images, faces)]

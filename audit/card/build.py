@@ -95,7 +95,7 @@ def build_card(classifier, config: CardConfig | None = None, *, generator: Any =
     settings = resolve_card_settings(config, classifier)
     use_generator = generator is not None and (
         config.person_free == "generator"
-        or (config.person_free == "auto" and generator_draws_objects(getattr(generator, "config", None))))
+        or (config.person_free == "auto" and generator_draws_objects(generator.config)))
     if config.person_free == "generator" and generator is None:
         raise UserError("config key 'card.person_free': 'generator' needs a generator; audits of an image folder "
                         "have none: use builtin or auto")

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from audit.card.config import BUILTIN_KINDS, STEREOTYPE_PAIRS
+from generators.base import GeneratorConfig
 from generators.config import UserError, load_yaml
 
 # ------------------------------------------------------------------------------------------- person-free images
@@ -59,11 +60,9 @@ def builtin_person_free(n: int = 64, size: int = 64, seed: int = 0) -> tuple[lis
     return images, kinds
 
 
-def generator_draws_objects(generator_config: Any) -> bool:
+def generator_draws_objects(generator_config: GeneratorConfig) -> bool:
     """False for generators that cannot draw objects: the lab world (people only) and random tiny models."""
-    backend = getattr(generator_config, "backend", None)
-    model = str(getattr(generator_config, "model", "") or "")
-    return backend != "lab" and model not in ("tiny", "lab")
+    return generator_config.backend != "lab" and generator_config.model not in ("tiny", "lab")
 
 
 # ------------------------------------------------------------------------------------------------- lab world
@@ -159,7 +158,7 @@ def labelled_from_source(source: str, classes: Mapping[str, Sequence[str]], cap:
                 per[(a, k)] = per.get((a, k), 0) + 1
     images = labelled.load(keep)
     n_no_face = 0
-    if faces is not None and getattr(faces, "detector", "none") != "none":
+    if faces is not None and faces.detector != "none":
         from audit.faces import detect_and_crop
 
         results = detect_and_crop(images, faces)

@@ -245,13 +245,7 @@ def hit_rate(divergences: Mapping[str, Mapping[str, float]], majorities: Mapping
 # ---------------------------------------------------------------------------------------------------- sampling
 
 
-def _token_source(generator):
-    if not hasattr(generator, "sample_tokens"):
-        raise UserError(
-            f"the controlled-generation probe needs an image-token generator (backend janus or lab); "
-            f"{type(generator).__name__} has no image tokens: drop 'controlled' from locate.probes"
-        )
-    return generator
+NEEDED_BY = "the controlled-generation probe (drop 'controlled' from locate.probes otherwise)"
 
 
 def token_distributions(generator, prompts: Sequence[str], seeds: Sequence[int], kinds: Sequence[str],
@@ -259,7 +253,8 @@ def token_distributions(generator, prompts: Sequence[str], seeds: Sequence[int],
     """Sample ``len(seeds)`` image-token sequences per prompt and build the requested distributions.
 
     Args:
-        generator: a Janus-family generator (``sample_tokens``, ``encode``, ``settings``, ``model``, ``ids``).
+        generator: a generator with the ``image_tokens`` and (for ``teacher_forced``) ``token_scores``
+            capabilities.
         prompts: prompts (all sampled with the same seeds).
         seeds: one seed per sample.
         kinds: subset of :data:`DISTRIBUTIONS`.
@@ -271,11 +266,13 @@ def token_distributions(generator, prompts: Sequence[str], seeds: Sequence[int],
     """
     import torch
 
-    from generators.janus_sequence import filter_logits, image_logits, unwrap
+    from generators.base import IMAGE_TOKENS, TOKEN_SCORES, require
 
-    gen = _token_source(generator)
-    settings = gen.settings
-    V = int(unwrap(gen.model).config.vq_config.num_embeddings)
+    gen = generator
+    require(gen, IMAGE_TOKENS, NEEDED_BY)
+    if "teacher_forced" in kinds:
+        require(gen, TOKEN_SCORES, NEEDED_BY)
+    V = gen.codebook_size
     rows = [(p, s) for p in prompts for s in seeds]
     bs = max(1, gen.config.batch_size)
     tokens, tf_sum = {p: [] for p in prompts}, {}
@@ -286,16 +283,8 @@ def token_distributions(generator, prompts: Sequence[str], seeds: Sequence[int],
         for p, t in zip(ps, tok.cpu()):
             tokens[p].append(t)
         if "teacher_forced" in kinds:
-            ids, mask = gen.encode(ps)
-            device = tok.device
-            with torch.no_grad():
-                logits = image_logits(gen.model, ids.to(device), mask.to(device), tok, gen.ids,
-                                      settings.guidance_scale).float()
-                if settings.do_sample:
-                    # Exactly the distribution each token was drawn from (temperature, top-k, top-p as sampling).
-                    probs = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p).softmax(-1)
-                else:
-                    probs = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+            # Exactly the distribution each token was drawn from (guidance, temperature, top-k, top-p).
+            probs = gen.token_distribution(ps, tok)
             for p, pr in zip(ps, probs.cpu()):
                 tf_sum[p] = tf_sum[p] + pr.double() if p in tf_sum else pr.double()
     out: dict[str, dict[str, np.ndarray]] = {}
@@ -319,7 +308,8 @@ def controlled_probe(generator, prompts: Sequence[str], config: ControlledConfig
     """Run the controlled-generation probe.
 
     Args:
-        generator: a Janus-family generator (``backend: janus`` or ``lab``).
+        generator: a generator with the ``image_tokens`` capability (and ``token_scores`` for the
+            ``teacher_forced`` distribution), e.g. ``backend: janus`` or ``lab``.
         prompts: neutral prompts (ending in ``neutral_word``).
         config: probe settings.
         audit_metrics: ``run_audit`` metrics of the same generator: gives each prompt's majority class.
@@ -337,7 +327,10 @@ def controlled_probe(generator, prompts: Sequence[str], config: ControlledConfig
     if audit_metrics is None and majorities is None:
         raise UserError("controlled probe: pass audit_metrics (a run_audit metrics dict) or majorities, so each "
                         "prompt has a majority class to check")
-    gen = _token_source(generator)
+    from generators.base import IMAGE_TOKENS, require
+    from generators.config import to_dict
+
+    require(generator, IMAGE_TOKENS, NEEDED_BY)
     kinds = list(config.distributions)
     seeds = list(range(config.seed_offset, config.seed_offset + config.samples))
     classes_by_attr = {a: groups(a) for a in config.attributes}
@@ -357,7 +350,7 @@ def controlled_probe(generator, prompts: Sequence[str], config: ControlledConfig
     for p in prompts:
         # One prompt at a time: the per-position distributions of a real model are large (T x V per variant).
         batch = [p, *dict.fromkeys(v for a in config.attributes for v in variants[p][a].values())]
-        dists = token_distributions(gen, batch, seeds, kinds, config.smoothing, config.pooled_smoothing)
+        dists = token_distributions(generator, batch, seeds, kinds, config.smoothing, config.pooled_smoothing)
         for a in config.attributes:
             for k in kinds:
                 jsds[a][k][p] = {c: divergence(dists[p][k], dists[v][k]) for c, v in variants[p][a].items()}
@@ -391,16 +384,7 @@ def controlled_probe(generator, prompts: Sequence[str], config: ControlledConfig
         "definitions": {k: DEFINITIONS[k].format(smooth=smooth, alpha=f"{config.smoothing:g}") for k in kinds},
         "divergence": "Jensen-Shannon divergence, base 2 (bits): 0 identical, 1 disjoint",
         "samples": config.samples, "seeds": seeds,
-        "sampler": _sampler(gen),
+        "sampler": to_dict(generator.settings),
         "paper_hit_rate": {"gender": 0.998, "race": 0.793},
         "attributes": result_attrs,
     }
-
-
-def _sampler(generator) -> dict[str, Any]:
-    from generators.config import to_dict
-
-    try:
-        return to_dict(generator.settings)
-    except Exception:  # a generator without dataclass settings: record nothing rather than fail the probe
-        return {}

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from debias.locate.controlled import ControlledConfig, controlled_probe
 from debias.locate.swap import SwapConfig, component_swap
 from debias.locate.understanding import UnderstandingConfig, alignment_table, understanding_probe
-from debias.locate.vision_probe import VisionProbeConfig, available_encoders, vision_probe
+from debias.locate.vision_probe import VisionProbeConfig, vision_probe
 from generators.config import ConfigError, UserError, did_you_mean, from_dict, load_yaml, option, to_dict
 
 PROBES = ("understanding", "vision", "controlled", "swap")
@@ -74,38 +74,22 @@ def _read_audit(source: str) -> dict:
     return json.loads(p.read_text())
 
 
-def _processor(generator):
-    """The model's own image processor when its folder has one (for the blank image's normalisation), else None
-    (then Janus' mean = std = 0.5 is used, which is what Janus-Pro's and the lab world's processors hold)."""
-    model = getattr(getattr(generator, "config", None), "model", "") or ""
-    path = Path(getattr(generator, "weights", None) or model)
-    if not any((path / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
-        return None
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(str(path))
-    except (OSError, ValueError):  # a folder without a loadable image processor: fall back to the default
-        return None
-
-
 def _check(experiment_config, config: LocateConfig, generator, tuned) -> None:
     """Every problem a probe would hit, raised before any output is written."""
+    from generators.base import IMAGE_TOKENS, UNDERSTANDING, require
+
     if "understanding" in config.probes:
         if not experiment_config.prompts.occupation_list():
             raise UserError("the understanding probe needs occupations: set prompts.occupations or "
                             "prompts.occupations_file in the experiment config")
-        from debias.locate.understanding import _janus
+        require(generator, UNDERSTANDING, "the understanding probe (drop 'understanding' from locate.probes otherwise)")
+    if "controlled" in config.probes:
+        from debias.locate.controlled import NEEDED_BY
 
-        _janus(getattr(generator, "model", generator))
-    if "controlled" in config.probes and not hasattr(generator, "sample_tokens"):
-        raise UserError(f"the controlled-generation probe needs an image-token generator (janus or lab backend), "
-                        f"not {type(generator).__name__}; drop 'controlled' from locate.probes")
+        require(generator, IMAGE_TOKENS, NEEDED_BY)
     if "vision" in config.probes:
         config.vision.check_data()
-        if not available_encoders(generator):
-            raise UserError(f"the vision-encoder probe found no image encoder in {type(generator).__name__}; "
-                            "drop 'vision' from locate.probes")
+        config.vision.check_encoders(generator)
     if "swap" in config.probes and tuned is None and not (config.swap.tuned_model or config.swap.tuned_adapter):
         raise UserError("the component swap needs the fine-tuned model: set locate.swap.tuned_model or "
                         "locate.swap.tuned_adapter")
@@ -146,7 +130,7 @@ def run_locate(experiment_config, locate_config: LocateConfig | Mapping | None, 
     from audit.run import run_audit
     from audit.store import atomic_write_json, check_writable
     from debias.locate import report
-    from generators.base import load_generator
+    from generators.backends import load_generator
 
     if locate_config is None:
         locate_config = LocateConfig()
@@ -175,11 +159,11 @@ def run_locate(experiment_config, locate_config: LocateConfig | Mapping | None, 
         audit_metrics = run_audit(experiment_config, out / "audit", generator=generator, classifier=get_classifier(),
                                   progress=progress, report=False)
         audit_source = "audit"
-    model = str(getattr(experiment_config.generator, "model", "") or experiment_config.generator.backend)
+    model = experiment_config.generator.model or experiment_config.generator.backend
     results: dict[str, Any] = {}
     if "understanding" in probes:
         r = understanding_probe(generator.model, generator.tokenizer, experiment_config.prompts.occupation_list(),
-                                locate_config.understanding, processor=_processor(generator))
+                                locate_config.understanding, processor=generator.image_processor)
         r["alignment"] = (alignment_table(r, audit_metrics, experiment_config.prompts.template)
                           if audit_metrics else None)
         results["understanding"] = r

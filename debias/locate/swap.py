@@ -15,7 +15,8 @@ Intervals: a paired two-level bootstrap: prompts are resampled, then seeds withi
 draws for all four cells (they share prompts and seeds), and each effect is recomputed from per-prompt RDs of the
 resampled hard labels. Percentile intervals re-centred on the estimate, as in the audit.
 
-Components (what "language side" and "vision side" mean) per backend, overridable in :class:`SwapConfig`:
+Components (what "language side" and "vision side" mean) come from the backend (its ``components`` capability,
+:mod:`generators.base`), overridable in :class:`SwapConfig`:
 
 * Janus family: language = ``model.language_model`` plus everything else that decides the image tokens
   (``model.generation_embeddings``, ``model.generation_aligner``, ``model.generation_head``, and ``lm_head``);
@@ -46,11 +47,6 @@ from generators.config import ConfigError, UserError, option
 
 LEVELS = ("base", "tuned")
 FACTORS = ("language", "vision")
-JANUS_COMPONENTS = {
-    "language": ["model.language_model", "model.generation_embeddings", "model.generation_aligner",
-                 "model.generation_head", "lm_head"],
-    "vision": ["model.vqmodel"],
-}
 
 
 @dataclass
@@ -175,28 +171,6 @@ def _get(root, path: str):
     return obj
 
 
-def backend_root(generator):
-    """The object holding the swappable modules: the unwrapped Janus model, or the diffusers pipeline."""
-    from generators.janus_sequence import unwrap
-
-    if hasattr(generator, "pipeline"):
-        return generator.pipeline
-    if hasattr(generator, "model"):
-        return unwrap(generator.model)
-    raise UserError(f"component swap: unsupported generator {type(generator).__name__} (janus, lab or diffusers)")
-
-
-def default_components(root) -> dict[str, list[str]]:
-    """Module paths of the language and vision sides for a Janus model or a diffusers pipeline."""
-    if hasattr(root, "model") and hasattr(getattr(root, "model"), "vqmodel"):
-        return copy.deepcopy(JANUS_COMPONENTS)
-    if hasattr(root, "components"):  # diffusers pipeline
-        lang = [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(root, n, None) is not None]
-        vis = [n for n in ("unet", "transformer") if getattr(root, n, None) is not None]
-        return {"language": lang, "vision": vis}
-    raise UserError(f"component swap: no default components for {type(root).__name__}; set locate.swap.components")
-
-
 def _state(root, paths: Sequence[str]) -> dict[str, dict]:
     return {p: {k: v.detach().to("cpu", copy=True) for k, v in _get(root, p).state_dict().items()} for p in paths}
 
@@ -211,13 +185,13 @@ def _fingerprint(states: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def _named_tensors(root) -> dict[str, Any]:
-    if hasattr(root, "state_dict"):
+    """Every parameter and buffer of a model, or of each model component of a pipeline (prefixed by its name)."""
+    import torch
+
+    if isinstance(root, torch.nn.Module):
         return root.state_dict()
-    out = {}
-    for name, comp in getattr(root, "components", {}).items():
-        if hasattr(comp, "state_dict"):
-            out.update({f"{name}.{k}": v for k, v in comp.state_dict().items()})
-    return out
+    return {f"{name}.{k}": v for name, comp in root.components.items() if isinstance(comp, torch.nn.Module)
+            for k, v in comp.state_dict().items()}
 
 
 def unassigned_differences(base_root, tuned_root, components: Mapping[str, Sequence[str]]) -> list[str]:
@@ -239,7 +213,8 @@ class _CellGenerator:
     """The base generator with one swap cell loaded; its identity names the cell (keys the run store)."""
 
     def __init__(self, inner, cell: dict[str, str], fingerprints: dict[str, str]):
-        self.inner, self.config = inner, inner.config
+        self.inner, self.config, self.settings = inner, inner.config, inner.settings
+        self.capabilities = frozenset()  # only sampled and audited
         self.cell, self.fingerprints = cell, fingerprints
 
     def generate(self, prompts, seeds):
@@ -251,7 +226,7 @@ class _CellGenerator:
 
 def load_tuned(experiment_config, config: SwapConfig):
     """The tuned generator named by ``tuned_model`` or ``tuned_adapter`` (loaded like the base)."""
-    from generators.base import load_generator
+    from generators.backends import load_generator
 
     if config.tuned_adapter:
         if not Path(config.tuned_adapter).exists():
@@ -265,14 +240,11 @@ def load_tuned(experiment_config, config: SwapConfig):
     return load_generator(gcfg)
 
 
-def _tuned_root(tuned):
-    from generators.janus_sequence import unwrap
+def _tuned_root(base, tuned):
+    """The module root of the tuned side: a generator's own, or a model of the base's family."""
+    from generators.base import Generator
 
-    if hasattr(tuned, "identity"):  # a generator
-        return backend_root(tuned)
-    if hasattr(tuned, "merge_and_unload"):  # an unmerged PEFT model: swap merged weights
-        return copy.deepcopy(tuned).merge_and_unload()
-    return unwrap(tuned)
+    return tuned.module_root() if isinstance(tuned, Generator) else base.module_root(tuned)
 
 
 def _labels_from_predictions(predictions: list[dict], prompts: Sequence[str], seeds: Sequence[int],
@@ -307,13 +279,8 @@ def _labels_from_predictions(predictions: list[dict], prompts: Sequence[str], se
 def _without_card(experiment_config):
     """The experiment with the audit's classifier bias card off: the four cells share one classifier, so its card
     would be the same four times (run ``debias audit`` once for it)."""
-    try:
-        from audit.card import CardConfig
-    except ImportError:  # an audit without cards
-        return experiment_config
     cfg = copy.copy(experiment_config)
-    card = getattr(experiment_config, "card", None)
-    cfg.card = replace(card, enabled=False) if card is not None else CardConfig(enabled=False)
+    cfg.card = replace(experiment_config.card, enabled=False)
     return cfg
 
 
@@ -339,15 +306,17 @@ def component_swap(experiment_config, out_dir: str | Path, config: SwapConfig | 
 
     from audit.classify import ClipClassifier
     from audit.run import run_audit
-    from generators.base import load_generator
+    from generators.backends import load_generator
+    from generators.base import COMPONENTS, require
 
     config = config or SwapConfig()
     out_dir = Path(out_dir)
     base = base or load_generator(experiment_config.generator)
+    require(base, COMPONENTS, "the component swap (drop 'swap' from locate.probes otherwise)")
     loaded_tuned = tuned is None
     tuned = tuned if tuned is not None else load_tuned(experiment_config, config)
-    base_root, tuned_root = backend_root(base), _tuned_root(tuned)
-    components = {**default_components(base_root), **config.components}
+    base_root, tuned_root = base.module_root(), _tuned_root(base, tuned)
+    components = {**base.components(), **config.components}
     for f in FACTORS:
         if not components.get(f):
             raise UserError(f"config key 'locate.swap.components.{f}': no modules for the {f} side")
@@ -404,12 +373,7 @@ def component_swap(experiment_config, out_dir: str | Path, config: SwapConfig | 
     return {
         "probe": "swap",
         "components": components,
-        "component_descriptions": {
-            "language": "modules that decide the image tokens (language model and generation embeddings/head)"
-            if components == JANUS_COMPONENTS or "model.language_model" in components["language"]
-            else "text encoder(s)",
-            "vision": "modules that turn tokens/latents into pixels (VQ tokenizer/decoder or UNet)",
-        },
+        "component_descriptions": dict(base.component_roles),
         "unassigned_differences": unassigned,
         "fingerprints": fingerprints,
         "prompts": len(prompts), "seeds": seeds,

@@ -7,14 +7,13 @@ by itself it does not make the encoder the source of a bias. Reported per attrib
 cross-validated accuracy (Wilson interval), per-fold accuracies, macro-F1, the confusion matrix, chance (majority
 class share) and an empirical chance level (the same probe on shuffled labels); and one-vs-one per class pair.
 
-Encoders (:func:`available_encoders`):
+Encoders come from the generator's backend (its ``image_encoders`` capability, :mod:`generators.base`):
 
 * Janus family - ``vision``: the understanding tower (``model.model.vision_model``), last hidden state pooled over
-  patches; ``aligned``: the same after the understanding aligner (what ``get_image_features`` feeds the LM);
+  patches; ``aligned``: the same after the understanding aligner (what the language model reads);
   ``vq``: the generation tokenizer's encoder (``model.model.vqmodel.encoder`` + ``quant_conv``, pre-quantisation
   latents) pooled over the latent grid.
 * Diffusers pipelines - ``vae``: the VAE encoder's latent mean, pooled.
-* CLIP-like dual encoders - ``image_features`` (``get_image_features``).
 
 Pooling: ``mean`` over tokens / grid cells (default) or ``flatten`` (keeps the spatial layout; larger).
 
@@ -35,7 +34,6 @@ import numpy as np
 from generators.config import ConfigError, UserError, did_you_mean, option
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-ENCODERS = ("vision", "aligned", "vq", "vae", "image_features")
 
 
 @dataclass
@@ -54,7 +52,7 @@ class VisionProbeConfig:
     max_per_class: int = option(0, help="use at most this many images per class (0: all)")
     balance: bool = option(True, help="subsample every class to the smallest class count")
     encoders: list[str] = option(default_factory=list,
-                                 help="encoders to probe (vision, aligned, vq, vae, image_features); default: all "
+                                 help="encoders to probe (Janus: vision, aligned, vq; diffusers: vae); default: all "
                                       "the model has")
     pool: Literal["mean", "flatten"] = option("mean", help="how token / grid embeddings become one vector")
     folds: int = option(5, help="stratified cross-validation folds (capped by the smallest class)")
@@ -73,10 +71,18 @@ class VisionProbeConfig:
         if self.lab_images < 8 or self.max_per_class < 0 or self.batch_size < 1:
             raise ConfigError("config keys 'locate.vision.lab_images' (>= 8), 'max_per_class' (>= 0), "
                               f"'batch_size' (>= 1): got {self.lab_images}, {self.max_per_class}, {self.batch_size}")
-        for e in self.encoders:
-            if e not in ENCODERS:
-                raise ConfigError(f"config key 'locate.vision.encoders': unknown encoder {e!r}"
-                                  f"{did_you_mean(e, ENCODERS)}; use {list(ENCODERS)}")
+
+    def check_encoders(self, generator) -> dict[str, str]:
+        """The generator's encoders (name -> description); raises unless it has every one this config names."""
+        from generators.base import IMAGE_ENCODERS, require
+
+        require(generator, IMAGE_ENCODERS, "the vision-encoder probe (drop 'vision' from locate.probes otherwise)")
+        available = generator.image_encoders()
+        for enc in self.encoders:
+            if enc not in available:
+                raise UserError(f"config key 'locate.vision.encoders': backend '{generator.config.backend}' has no "
+                                f"encoder {enc!r}{did_you_mean(enc, available)}; available: {list(available)}")
+        return available
 
     def check_data(self) -> None:
         """Fail early (before any output) when a local data folder does not exist."""
@@ -247,114 +253,15 @@ def load_labelled_images(config: VisionProbeConfig) -> tuple[list, dict[str, lis
     return images, labels, f"dataset {config.data} split {config.split} ({len(images)} images)"
 
 
-# --------------------------------------------------------------------------------------------------- encoders
-
-
-def _root(model):
-    from generators.janus_sequence import unwrap
-
-    if hasattr(model, "pipeline"):  # a DiffusersGenerator
-        return model.pipeline
-    if hasattr(model, "model") and hasattr(model, "tokenizer") and hasattr(model, "sample_tokens"):  # JanusGenerator
-        return unwrap(model.model)
-    return unwrap(model)
-
-
-def available_encoders(model) -> list[str]:
-    """Encoders :func:`embed_images` can read from ``model`` (a generator, a Janus model, a pipeline, a CLIP)."""
-    root = _root(model)
-    inner = getattr(root, "model", None)
-    if inner is not None and hasattr(inner, "vision_model") and hasattr(inner, "vqmodel"):
-        return ["vision", "aligned", "vq"]
-    if getattr(root, "vae", None) is not None:
-        return ["vae"]
-    if hasattr(root, "get_image_features"):
-        return ["image_features"]
-    return []
-
-
-def _to_tensor(images: Sequence, size: int, lo: float = 0.0, hi: float = 1.0, mean=None, std=None):
-    import torch
-    from PIL import Image
-
-    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-                    for im in images])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
-    if mean is not None:
-        return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    return x * (hi - lo) + lo
-
-
-def _pool(h, pool: str, channels_first: bool):
-    # Token outputs are (B, N, D); conv latents (B, D, H, W).
-    if pool == "flatten":
-        return h.flatten(1)
-    return h.mean(dim=(2, 3)) if channels_first else h.mean(dim=1)
-
-
-def embed_images(model, images: Sequence, encoder: str, pool: str = "mean", batch_size: int = 32,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, processor=None) -> np.ndarray:
-    """``(n, d)`` float32 embeddings of PIL ``images`` from one of the model's encoders (see the module docstring).
-
-    Args:
-        model: a generator (Janus / diffusers), a ``JanusForConditionalGeneration``, a pipeline or a CLIP model.
-        images: PIL images.
-        encoder: one of :func:`available_encoders`.
-        pool: ``mean`` or ``flatten``.
-        batch_size: images per forward.
-        mean, std: normalisation of the Janus understanding tower (default 0.5 / 0.5, Janus-Pro's processor).
-        processor: image processor for ``image_features`` (required there).
-    """
-    import torch
-
-    root = _root(model)
-    if encoder not in available_encoders(model):
-        raise UserError(f"config key 'locate.vision.encoders': {type(root).__name__} has no encoder {encoder!r}; "
-                        f"available: {available_encoders(model)}")
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(images), batch_size):
-            chunk = images[s:s + batch_size]
-            if encoder in ("vision", "aligned"):
-                vm = root.model.vision_model
-                x = _to_tensor(chunk, vm.config.image_size, mean=list(mean or [0.5] * 3),
-                               std=list(std or [0.5] * 3)).to(vm.device, vm.dtype)
-                h = vm(pixel_values=x).last_hidden_state
-                if encoder == "aligned":
-                    h = root.model.aligner(h)
-                e = _pool(h, pool, channels_first=False)
-            elif encoder == "vq":
-                vq = root.model.vqmodel
-                cfg = vq.config
-                side = cfg.num_patches * 2 ** (len(cfg.channel_multiplier) - 1)
-                x = _to_tensor(chunk, side, -1.0, 1.0).to(vq.device, vq.dtype)
-                e = _pool(vq.quant_conv(vq.encoder(x)), pool, channels_first=True)
-            elif encoder == "vae":
-                vae = root.vae
-                side = int(getattr(root.unet.config, "sample_size", 8) * getattr(root, "vae_scale_factor", 8)) \
-                    if getattr(root, "unet", None) is not None else 64
-                x = _to_tensor(chunk, side, -1.0, 1.0).to(vae.device, vae.dtype)
-                e = _pool(vae.encode(x).latent_dist.mean, pool, channels_first=True)
-            else:
-                if processor is None:
-                    raise UserError("embed_images: encoder 'image_features' needs the model's processor")
-                ip = getattr(processor, "image_processor", processor)
-                x = ip(images=list(chunk), return_tensors="pt")["pixel_values"].to(root.device, root.dtype)
-                f = root.get_image_features(pixel_values=x)
-                e = f if torch.is_tensor(f) else f.pooler_output
-            out.append(e.float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
-def vision_probe(model, config: VisionProbeConfig | None = None, images: Sequence | None = None,
-                 labels: dict[str, Sequence[str]] | None = None, processor=None, alpha: float = 0.05) -> dict[str, Any]:
+def vision_probe(generator, config: VisionProbeConfig | None = None, images: Sequence | None = None,
+                 labels: dict[str, Sequence[str]] | None = None, alpha: float = 0.05) -> dict[str, Any]:
     """Probe every requested encoder for every labelled attribute.
 
     Args:
-        model: generator or model (see :func:`embed_images`).
+        generator: a generator with the ``image_encoders`` capability (its backend says which encoders it has and
+            how to read them).
         config: probe settings (data, encoders, folds, ...).
         images, labels: a labelled set to use instead of loading ``config.data`` (attribute -> one label per image).
-        processor: for ``image_features``.
         alpha: 1 - confidence level of the accuracy intervals.
 
     Returns:
@@ -371,14 +278,11 @@ def vision_probe(model, config: VisionProbeConfig | None = None, images: Sequenc
     for a, lab in labels.items():
         if len(lab) != len(images):
             raise UserError(f"vision_probe: attribute {a!r} has {len(lab)} labels for {len(images)} images")
-    encoders = config.encoders or available_encoders(model)
-    if not encoders:
-        raise UserError(f"the vision-encoder probe found no image encoder in {type(_root(model)).__name__}; "
-                        "drop 'vision' from locate.probes")
+    available = config.check_encoders(generator)
+    encoders = config.encoders or list(available)
     result: dict[str, Any] = {}
     for enc in encoders:
-        X = embed_images(model, images, enc, config.pool, config.batch_size, config.image_mean, config.image_std,
-                         processor)
+        X = generator.embed_images(images, enc, config.pool, config.batch_size, config.image_mean, config.image_std)
         per_attr = {}
         for a, lab in labels.items():
             idx = balanced_indices(lab, config.balance, config.max_per_class, config.seed)
@@ -393,15 +297,7 @@ def vision_probe(model, config: VisionProbeConfig | None = None, images: Sequenc
         "probe": "vision",
         "data": described, "pool": config.pool, "balance": config.balance, "folds": config.folds, "C": config.C,
         "classifier": "StandardScaler + LogisticRegression (L2), stratified k-fold cross_val_predict",
-        "encoder_descriptions": {e: ENCODER_DESCRIPTIONS[e] for e in encoders},
+        "encoder_descriptions": {e: available[e] for e in encoders},
         "encoders": result,
     }
 
-
-ENCODER_DESCRIPTIONS = {
-    "vision": "understanding vision tower (model.model.vision_model), last hidden state pooled over patches",
-    "aligned": "understanding tower + aligner (model.model.aligner): the features the language model reads",
-    "vq": "generation tokenizer encoder (model.model.vqmodel.encoder + quant_conv), pre-quantisation latents pooled",
-    "vae": "diffusion VAE encoder latent mean, pooled",
-    "image_features": "get_image_features of a dual encoder",
-}

@@ -70,15 +70,13 @@ def _is_main() -> bool:
 
 
 def _load_generator(generator_config: GeneratorConfig):
-    """The generator with its base weights on the CPU (Trainer moves them); trainers need a Janus-family backend."""
-    from generators.base import load_generator
+    """The generator with its base weights on the CPU (Trainer moves them); trainers need image-token scoring."""
+    from generators.backends import load_generator
+    from generators.base import IMAGE_TOKENS, TOKEN_SCORES, require
 
     gen = load_generator(dataclasses.replace(generator_config, device="cpu", adapter=None, merge_adapter=False))
-    if not all(hasattr(gen, a) for a in ("model", "tokenizer", "ids", "settings")):
-        raise UserError(
-            f"config key 'generator.backend': '{generator_config.backend}' has no image-token language model to "
-            "fine-tune; `debias train` supports the janus backend (and janus-based lab models)"
-        )
+    for capability in (IMAGE_TOKENS, TOKEN_SCORES):
+        require(gen, capability, "`debias train` (its trainers fine-tune an image-token language model)")
     return gen
 
 
