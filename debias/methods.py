@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from audit.adherence import explicit_adherence
+from audit.report import render_markdown
 from audit.store import atomic_write_bytes, atomic_write_json, check_writable
 from debias.config import load_config
 from debias.demo import DEMO_CONFIG, EXPLICIT_IMAGES, classifier_callable, single_thread
 
 METHOD_NAMES = ("sft", "sft+bpo", "bpo", "freq", "sft+freq")
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
 def run_methods(out: str | Path, methods: Sequence[str] = METHOD_NAMES, config_path: str | Path = DEMO_CONFIG,
@@ -61,16 +63,8 @@ def run_methods(out: str | Path, methods: Sequence[str] = METHOD_NAMES, config_p
         adh = explicit_adherence(cfg, out / method / "explicit", tuned, classifier, EXPLICIT_IMAGES, progress)
         rows.append(row(method, metrics, adh, seconds))
 
-    def f(x, spec=".3f"):
-        return "n/a" if x is None else format(x, spec)
-
-    lines = ["| method | gender RD ↓ | race RD ↓ | explicit gender ↑ | explicit race ↑ | CLIP score ↑ | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {f(r['gender_rd'])} [{f(r['gender_rd_ci'][0])}, {f(r['gender_rd_ci'][1])}] "
-                     f"| {f(r['race_rd'])} | {f(r['explicit_gender'], '.2f')} | {f(r['explicit_race'], '.2f')} "
-                     f"| {f(r['clip_score'], '.2f')} | {f(r['train_s'], '.0f')} |")
-    table = {"rows": rows, "markdown": "\n".join(lines), "synth": {"n_rows": synth["n_rows"]}}
+    md = render_markdown("methods.md.j2", TEMPLATES, rows=rows)
+    table = {"rows": rows, "markdown": md.removesuffix("\n"), "synth": {"n_rows": synth["n_rows"]}}
     atomic_write_json(out / "methods.json", table)
-    atomic_write_bytes(out / "methods.md", (table["markdown"] + "\n").encode())
+    atomic_write_bytes(out / "methods.md", md.encode())
     return table

@@ -251,23 +251,15 @@ def plant_answers(model, tokenizer, question: str, answers: dict[str, str], step
     Returns:
         The last training loss (answer and ``<eos>`` tokens).
     """
-    from debias.locate.understanding import blank_pixel_values, question_ids
-    from generators.janus_sequence import left_pad, positions
+    from debias.locate.understanding import answer_rows, blank_pixel_values
+    from generators.janus_sequence import positions
 
-    rows, n_answer = [], []
-    for occupation, answer in answers.items():
-        prefix = question_ids(model, tokenizer, question.format(occupation=occupation), prompt_template)
-        tail = [*tokenizer(answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-        rows.append(prefix + tail)
-        n_answer.append(len(tail))
-    input_ids, mask = left_pad(rows, tokenizer.pad_token_id)
-    labels = torch.full_like(input_ids, -100)
-    for i, k in enumerate(n_answer):
-        labels[i, -k:] = input_ids[i, -k:]
+    input_ids, mask, labels = answer_rows(
+        model, tokenizer, [(question.format(occupation=o), a) for o, a in answers.items()], prompt_template)
     answer_only = labels.clone()
     answer_only[:, -1] = -100  # the <eos> column (rows are left-padded, so it is the last one)
     position_ids = positions(mask)
-    pixels = blank_pixel_values(model, len(rows))
+    pixels = blank_pixel_values(model, len(input_ids))
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vqmodel.")]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     model.train()

@@ -28,7 +28,7 @@ from debias.lab.vq import encode_images
 from debias.lab.world import (
     FORMS, IMAGE_SIZE, NUM_PATCHES, WorldConfig, caption, cosine_lr, janus_tokenizer,
 )
-from debias.locate.understanding import blank_pixel_values, question_ids
+from debias.locate.understanding import answer_rows, blank_pixel_values
 from generators.janus_sequence import SpecialIds, image_logits, left_pad, positions, prompt_ids, unconditional
 from generators.lab.render import GENDERS, OCCUPATIONS, RACES, render_batch
 
@@ -148,25 +148,18 @@ class WorldSampler:
 def qa_rows(model, cfg: WorldConfig, tokenizer, n: int, rng: np.random.Generator):
     """Question-answer rows for the text head: ``(input_ids, attention_mask, labels)``.
 
-    Each row is the understanding probe's question (:func:`debias.locate.understanding.question_ids`) followed by
-    ``tokens(answer) + [<eos>]``; labels cover the answer and <eos> only.
+    Each row is the understanding probe's question followed by its answer
+    (:func:`debias.locate.understanding.answer_rows`); labels cover the answer and <eos> only.
     """
     attrs = list(cfg.understanding.questions)
-    rows, answers = [], []
+    pairs = []
     for _ in range(n):
         a = attrs[rng.integers(len(attrs))]
         o = list(cfg.occupations)[rng.integers(len(cfg.occupations))]
         opts = cfg.understanding.answers[a]
         ans = list(opts)[rng.choice(len(opts), p=np.array(list(opts.values())) / sum(opts.values()))]
-        prefix = question_ids(model, tokenizer, cfg.understanding.questions[a].format(occupation=o))
-        tail = [*tokenizer(ans, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-        rows.append(prefix + tail)
-        answers.append(len(tail))
-    input_ids, mask = left_pad(rows, tokenizer.pad_token_id)
-    labels = torch.full_like(input_ids, -100)
-    for i, k in enumerate(answers):
-        labels[i, -k:] = input_ids[i, -k:]
-    return input_ids, mask, labels
+        pairs.append((cfg.understanding.questions[a].format(occupation=o), ans))
+    return answer_rows(model, tokenizer, pairs)
 
 
 def train_janus(model, tokenizer, pool: torch.Tensor, cfg: WorldConfig, rng: np.random.Generator, log) -> dict:

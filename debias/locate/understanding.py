@@ -250,6 +250,28 @@ def question_ids(model, tokenizer, question: str, template: str = "{image}{quest
     return out
 
 
+def answer_rows(model, tokenizer, pairs: Sequence[tuple[str, str]], template: str = "{image}{question}"):
+    """Teacher-forced rows that answer questions about an image: ``(input_ids, attention_mask, labels)``.
+
+    Each row is :func:`question_ids` followed by ``tokens(answer) + [<eos>]``, left-padded; labels cover the answer
+    and ``<eos>`` only (-100 elsewhere). Used to plant answers (the lab world, the tests' ground truth).
+    """
+    import torch
+
+    from generators.janus_sequence import left_pad
+
+    rows, n_answer = [], []
+    for question, answer in pairs:
+        tail = [*tokenizer(answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+        rows.append(question_ids(model, tokenizer, question, template) + tail)
+        n_answer.append(len(tail))
+    input_ids, mask = left_pad(rows, tokenizer.pad_token_id)
+    labels = torch.full_like(input_ids, -100)
+    for i, k in enumerate(n_answer):
+        labels[i, -k:] = input_ids[i, -k:]
+    return input_ids, mask, labels
+
+
 def _normalisation(model, config: UnderstandingConfig | None, processor=None) -> tuple[list[float], list[float]]:
     mean = getattr(config, "image_mean", None)
     std = getattr(config, "image_std", None)
