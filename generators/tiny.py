@@ -57,12 +57,13 @@ def byte_symbols() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def byte_tokenizer(specials: list[str] = JANUS_SPECIALS, roles: dict = JANUS_ROLES, added: Iterable[str] = ()):
+def byte_tokenizer(specials: list[str] = JANUS_SPECIALS, roles: dict = JANUS_ROLES, added: Iterable[str] = (),
+                   unused: int = 0):
     """A byte-level ``PreTrainedTokenizerFast`` (no merges): every text tokenizes, none to <unk>.
 
-    The vocabulary is ``specials``, then the 256 byte symbols, then ``added`` (e.g. Emu3's visual tokens);
-    ``roles`` names the specials, and every token of ``specials`` and ``added`` is a special token, so a text never
-    splits one.
+    The vocabulary is ``specials``, the 256 byte symbols, ``unused`` never-produced filler tokens, then ``added``
+    (e.g. Emu3's visual tokens); ``roles`` names the specials, and every token of ``specials`` and ``added`` is a
+    special token, so a text never splits one.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -70,6 +71,8 @@ def byte_tokenizer(specials: list[str] = JANUS_SPECIALS, roles: dict = JANUS_ROL
     vocab = {s: i for i, s in enumerate(specials)}
     for sym in byte_symbols():
         vocab.setdefault(sym, len(vocab))
+    for n in range(unused):
+        vocab[f"<|unused{n}|>"] = len(vocab)
     added = list(added)
     for a in added:
         vocab.setdefault(a, len(vocab))
@@ -77,7 +80,7 @@ def byte_tokenizer(specials: list[str] = JANUS_SPECIALS, roles: dict = JANUS_ROL
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
-    named = {v for k, v in roles.items() if isinstance(v, str)} | set(roles.get("extra_special_tokens", {}).values())
+    named = {v for v in roles.values() if isinstance(v, str)} | set(roles.get("extra_special_tokens", {}).values())
     tokenizer.add_tokens([t for t in [*specials, *added] if t not in named], special_tokens=True)
     return tokenizer
 
@@ -178,9 +181,37 @@ def tiny_emu3_config(
     )
 
 
+def emu3_processor(codebook_size: int = 64, image_side: int = 32, vocab_size: int | None = None):
+    """An ``Emu3Processor``: a byte-level tokenizer with Emu3's special tokens and one ``<|visual token{c:06d}|>`` per
+    code (the last ``codebook_size`` ids, as in Emu3's vocabulary), and an ``Emu3ImageProcessor`` that keeps
+    ``image_side`` x ``image_side`` images (its smallest size: the understanding path's blank image).
+
+    Args:
+        codebook_size: VQ codes.
+        image_side: smallest square side the image processor keeps.
+        vocab_size: pad the vocabulary with unused tokens to this size (a real-size embedding and ``lm_head``).
+    """
+    from transformers import Emu3ImageProcessor, Emu3Processor
+
+    fill = 0 if vocab_size is None else vocab_size - codebook_size - len(EMU3_SPECIALS) - 256
+    if fill < 0:
+        raise ValueError(f"vocab_size {vocab_size} cannot hold {codebook_size} codes, the specials and 256 bytes")
+    visual = [f"<|visual token{c:06d}|>" for c in range(codebook_size)]
+    tokenizer = byte_tokenizer(EMU3_SPECIALS, EMU3_ROLES, added=visual, unused=fill)
+    image_processor = Emu3ImageProcessor(min_pixels=image_side**2, max_pixels=(2 * image_side) ** 2)
+    return Emu3Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def emu3_generation_config(tokenizer):
+    """The generation config an Emu3 checkpoint ships (bos, eos, pad)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+
+
 def tiny_emu3(seed: int = 0, codebook_size: int = 64, image_side: int = 32, **config_kwargs):
-    """Seeded tiny ``Emu3ForConditionalGeneration`` and its ``Emu3Processor`` (byte-level tokenizer with Emu3's
-    special and visual tokens, ``Emu3ImageProcessor`` that keeps ``image_side`` x ``image_side`` images).
+    """Seeded tiny ``Emu3ForConditionalGeneration`` and its ``Emu3Processor`` (:func:`emu3_processor`).
 
     Args:
         seed: torch seed for the random weights.
@@ -191,16 +222,13 @@ def tiny_emu3(seed: int = 0, codebook_size: int = 64, image_side: int = 32, **co
     Returns:
         ``(model, processor)``; both round-trip through ``save_pretrained`` / ``from_pretrained``.
     """
-    from transformers import Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor, GenerationConfig
+    from transformers import Emu3ForConditionalGeneration
 
-    visual = [f"<|visual token{c:06d}|>" for c in range(codebook_size)]
-    tokenizer = byte_tokenizer(EMU3_SPECIALS, EMU3_ROLES, added=visual)
-    image_processor = Emu3ImageProcessor(min_pixels=image_side**2, max_pixels=(2 * image_side) ** 2)
-    processor = Emu3Processor(image_processor=image_processor, tokenizer=tokenizer)
+    processor = emu3_processor(codebook_size, image_side)
+    tokenizer = processor.tokenizer
     torch.manual_seed(seed)
     model = Emu3ForConditionalGeneration(tiny_emu3_config(tokenizer.get_vocab(), codebook_size, **config_kwargs)).eval()
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = emu3_generation_config(tokenizer)
     return model, processor
 
 
