@@ -262,10 +262,10 @@ def blank_pixel_values(model, n: int, color: str = "white", mean: Sequence[float
     return pixel.view(1, 3, 1, 1).expand(n, 3, size, size).contiguous()
 
 
-def sample_answers(model, tokenizer, questions: Sequence[str], seeds: Sequence[int], template: str = "{image}{question}",
-                   max_new_tokens: int = 12, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                   blank: str = "white", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                   batch_size: int = 32) -> list[str]:
+def sample_answers(model, tokenizer, questions: Sequence[str], seeds: Sequence[int],
+                   template: str = "{image}{question}", max_new_tokens: int = 12, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0, blank: str = "white", mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None, batch_size: int = 32) -> list[str]:
     """One answer per (question, seed) about a blank image, through the model's multimodal path (decoded texts).
 
     Args:

@@ -130,54 +130,94 @@ def test_lora_scope_of_another_family_is_refused_with_the_decoder_named(dataset_
     assert not (tmp_path / "run").exists()
 
 
+def test_frequency_objective_and_monitor_sample_through_the_emu3_layout(tmp_path):
+    from debias.train.common import on_tokens
+    from debias.train.config import TrainConfig
+    from debias.train.run import run_train
+    from generators.base import GeneratorConfig
+    from generators.config import from_dict
+
+    @on_tokens
+    def lower_half(tokens):
+        return (tokens < 32).float().mean(1).lt(0.5).long().numpy()
+
+    config = from_dict(TrainConfig, {
+        "method": "freq", "classes": ["low", "high"], "batch_size": 4, "logging_steps": 1,
+        "lora": {"r": 4, "alpha": 8, "scope": "text_model"},
+        "freq": {"prompts": PROMPTS, "max_steps": 2, "learning_rate": 1e-3, "init_samples": 2},
+        "monitor": {"every_steps": 1, "images_per_prompt": 2},
+    }, prefix="train")
+    gcfg = GeneratorConfig(backend="emu3", model="tiny", device="cpu", sampling={"image_area": 1024})
+    adapter = run_train(config, gcfg, tmp_path / "run", classify=lower_half)
+    logged = [e for e in json.loads((tmp_path / "run" / "freq" / "log_history.json").read_text()) if "loss" in e]
+    assert len(logged) == 2 and all("freq/share_low" in e and "monitor/rd_group" in e for e in logged)
+    assert [c["step"] for c in json.loads((tmp_path / "run" / "freq" / "monitor.json").read_text())] == [0, 1, 2]
+    assert (adapter / "adapter_model.safetensors").is_file()
+
+
+def test_extending_an_emu3_run_keeps_its_images(tmp_path, repo_root):
+    """A resumed or extended run samples only the new seeds, and every image equals a fresh run's."""
+    from audit.sample import run_sample
+    from debias.config import load_config
+
+    small = {"prompts.limit": 2, "generator.batch_size": 2}
+    run_sample(load_config(repo_root / SMOKE, {**small, "images_per_prompt": 2}), tmp_path / "run", progress=False)
+    first = snapshot(tmp_path / "run")
+    run_sample(load_config(repo_root / SMOKE, {**small, "images_per_prompt": 4}), tmp_path / "run", progress=False)
+    run_sample(load_config(repo_root / SMOKE, {**small, "images_per_prompt": 4}), tmp_path / "fresh", progress=False)
+    extended, fresh = snapshot(tmp_path / "run"), snapshot(tmp_path / "fresh")
+    assert len(first) == 4 and extended.keys() == fresh.keys() and len(fresh) == 8
+    assert all(extended[k] == first[k] for k in first)
+    assert all(extended[k][1] == fresh[k][1] for k in fresh)
+
+
+def documented_commands(*configs: str) -> list[list[str]]:
+    """The ``debias ...`` lines of the configs' header comments (what README documents), as argument lists."""
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return [shlex.split(line.split("#", 1)[1])[1:] for c in configs
+            for line in (root / c).read_text().splitlines() if line.startswith("#   debias ")]
+
+
 @pytest.mark.slow
 def test_every_stage_runs_on_the_emu3_smoke_configs(tmp_path, repo_root, monkeypatch):
-    monkeypatch.chdir(repo_root)
-    small = ["--set", "prompts.limit=2", "--set", "images_per_prompt=4", "--set", "metrics.n_boot=20",
-             "--set", "card.enabled=false", "--quiet"]
-    before, after = tmp_path / "audit", tmp_path / "after"
-    assert main(["audit", "--config", SMOKE, "--out", str(before), *small]) == 0
-    metrics = json.loads((before / "metrics.json").read_text())
+    # The documented commands exactly, run from a folder that sees the repository's configs (runs/ lands there).
+    (tmp_path / "configs").symlink_to(repo_root / "configs")
+    monkeypatch.chdir(tmp_path)
+    commands = documented_commands(SMOKE, LOCATE)
+    assert [c[0] for c in commands] == ["audit", "synth", "train", "audit", "compare", "locate"]
+    for args in commands:
+        assert main(args) == 0, args
+    runs = tmp_path / "runs"
+
+    metrics = json.loads((runs / "emu3-audit" / "metrics.json").read_text())
     assert metrics["run"]["generator"]["backend"] == "emu3" and metrics["run"]["sampling"]["top_k"] == 2048
     assert set(metrics["attributes"]) >= {"gender", "race"}
-
-    synth = tmp_path / "synth"
-    assert main(["synth", "--config", SMOKE, "--out", str(synth), "--quiet"]) == 0
-    manifest = json.loads((synth / "synth.json").read_text())
-    assert manifest["n_rows"] >= 2 and not manifest["shortfalls"]
-
-    train = tmp_path / "train"
-    assert main(["train", "--config", SMOKE, "--out", str(train), "--set", f"dataset={synth / 'dataset'}"]) == 0
-    adapter = train / "bpo" / "adapter"
+    manifest = json.loads((runs / "emu3-synth" / "synth.json").read_text())
+    assert manifest["n_rows"] == 8 and not manifest["shortfalls"]  # 2 prompts x 2 genders x 2 images
+    adapter = runs / "emu3-train" / "bpo" / "adapter"
     info = json.loads((adapter / "train_info.json").read_text())
-    assert info["init_adapter"] == str(train / "sft" / "adapter") and info["global_step"] == 2
+    assert info["init_adapter"] == "runs/emu3-train/sft/adapter" and info["global_step"] == 2
     assert json.loads((adapter / "adapter_config.json").read_text())["target_modules"].startswith(
         r"(.*\.)?text_model\.")
+    assert json.loads((runs / "emu3-after" / "metrics.json").read_text())["run"]["generator"]["adapter_hash"]
+    result = json.loads((runs / "emu3-compare" / "compare.json").read_text())
+    assert result["matching"]["n_matched"] == 32 and result["matching"]["unmatched_before"] == 0
 
-    assert main(["audit", "--config", SMOKE, "--out", str(after), "--adapter", str(adapter), *small]) == 0
-    assert json.loads((after / "metrics.json").read_text())["run"]["generator"]["adapter_hash"]
-    compare = tmp_path / "compare"
-    assert main(["compare", str(before), str(after), "--out", str(compare)]) == 0
-    result = json.loads((compare / "compare.json").read_text())
-    assert result["matching"]["n_matched"] == 8 and result["matching"]["unmatched_before"] == 0
-
-    locate = tmp_path / "locate"
-    assert main(["locate", "--config", LOCATE, "--out", str(locate), "--audit", str(before),
-                 "--set", "locate.probes=[understanding, vision, controlled, swap]",
-                 "--set", f"locate.swap.tuned_adapter={adapter}", "--set", "locate.swap.n_boot=20",
-                 "--set", "locate.understanding.samples=2", "--set", "locate.vision.lab_images=32",
-                 "--set", "locate.vision.pairwise=false", "--set", "locate.controlled.samples=2", *small[:-1]]) == 0
-    out = json.loads((locate / "locate.json").read_text())
+    out = json.loads((runs / "emu3-locate" / "locate.json").read_text())
     assert out["probes"] == ["understanding", "vision", "controlled", "swap"]
     results = out["results"]
     assert set(results["vision"]["encoders"]) == {"vq", "embedded"}
-    assert results["understanding"]["attributes"]["gender"]["per_occupation"][0]["n"] == 2
+    assert results["understanding"]["attributes"]["gender"]["per_occupation"][0]["n"] == 8
     assert results["controlled"]["distribution_used"] == "pooled"
     swap = results["swap"]
     assert swap["components"] == {"language": ["model.text_model", "lm_head"], "vision": ["model.vqmodel"]}
     # The adapter changed the text model only: nothing outside the two sides, and the same decoder in every cell.
-    assert swap["unassigned_differences"] == [] and swap["fingerprints"]["vision"]["base"] == \
-        swap["fingerprints"]["vision"]["tuned"]
+    assert swap["unassigned_differences"] == []
+    assert swap["fingerprints"]["vision"]["base"] == swap["fingerprints"]["vision"]["tuned"]
+    assert swap["fingerprints"]["language"]["base"] != swap["fingerprints"]["language"]["tuned"]
     assert swap["attributes"]["gender"]["vision_main"] == 0.0
 
 

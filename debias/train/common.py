@@ -1,4 +1,4 @@
-"""Pieces shared by the image-token trainers: the image-token forward, LoRA config, classification and adapter saving."""
+"""Pieces shared by the image-token trainers: the image-token forward, LoRA config, classification, adapter saving."""
 
 from __future__ import annotations
 

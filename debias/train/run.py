@@ -367,8 +367,8 @@ def run_train(train_config: TrainConfig, generator_config: GeneratorConfig, out_
 
     Args:
         train_config: the ``train:`` section.
-        generator_config: the ``generator:`` section (an image-token backend, e.g. janus or emu3; its ``sampling`` settings are used for
-            on-policy sampling and the monitor; ``device: cpu`` trains on the CPU).
+        generator_config: the ``generator:`` section (an image-token backend, e.g. janus or emu3; its ``sampling``
+            settings are used for on-policy sampling and the monitor; ``device: cpu`` trains on the CPU).
         out_dir: run folder (layout in this module's docstring).
         classify: ``classify(images: list[PIL.Image]) -> (N,) class indices or (N, K) probabilities``, needed by
             ``freq`` and ``train.monitor``; a callable with ``on_tokens = True`` receives ``(N, T)`` image tokens.
