@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from generators.errors import UserError
 from generators.sequence import (
     ImageTokenLayout, decode_answer, guided, left_pad, next_tokens, positions, sample_text_tokens, seeded_uniforms,
     unwrap,
@@ -57,7 +58,8 @@ def _token_id(tokenizer, attribute: str, token: str) -> int:
     name = getattr(tokenizer, attribute, None) or token
     tid = tokenizer.convert_tokens_to_ids(name)
     if tid is None or tid == tokenizer.unk_token_id:
-        raise ValueError(f"the Emu3 tokenizer has no token {name!r} ({attribute})")
+        raise UserError(f"config key 'generator.model': its tokenizer has no Emu3 token {name!r} ({attribute}); "
+                        "load an Emu3 checkpoint saved with its processor (e.g. BAAI/Emu3-Gen-hf)")
     return int(tid)
 
 
