@@ -1,4 +1,4 @@
-"""BPO training-step cost: our ``JanusBPOTrainer`` vs TRL's stock ``DPOTrainer`` on the same tiny Janus and batch.
+"""BPO training-step cost: our ``ImageTokenBPOTrainer`` vs TRL's stock ``DPOTrainer`` on the same tiny Janus and batch.
 
 Model: one seeded tiny ``JanusForConditionalGeneration`` (language model = a Llama of ``--hidden`` x ``--layers``;
 ``--patches``^2 image tokens, ``--codebook`` codes), LoRA r 8 on q,k,v,o,gate,up,down of the language model,
@@ -62,12 +62,12 @@ def run_variant(variant: str, args) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from generators.janus_sequence import SpecialIds
+    from generators.janus_sequence import JanusLayout
 
     torch.set_num_threads(args.threads)
     model, tokenizer = _model(args)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports + model: not the trainer's
-    ids = SpecialIds.of(model, tokenizer)
+    layout = JanusLayout.of(model, tokenizer)
     n_tok = args.patches**2
     rows = args.pairs * (args.warmup + args.steps)
     rng = random.Random(0)
@@ -102,7 +102,7 @@ def run_variant(variant: str, args) -> dict:
         trainer = DPOTrainer(model, args=config, train_dataset=data, processing_class=tokenizer,
                              peft_config=_lora(), callbacks=[Timer()])
     else:
-        from debias.train.bpo import JanusBPOTrainer
+        from debias.train.bpo import ImageTokenBPOTrainer
 
         codes = args.codebook
         data = datasets.Dataset.from_dict({
@@ -112,8 +112,8 @@ def run_variant(variant: str, args) -> dict:
             "tokens_j": [[rng.randrange(codes) for _ in range(n_tok)] for _ in range(rows)],
         })
         loss = "bpo" if variant == "bpo" else "dpo"
-        trainer = JanusBPOTrainer(model, config, data, tokenizer, ids, loss=loss, prefer_first=True,
-                                  peft_config=_lora(), callbacks=[Timer()])
+        trainer = ImageTokenBPOTrainer(model, config, data, tokenizer, layout, loss=loss, prefer_first=True,
+                                       peft_config=_lora(), callbacks=[Timer()])
     trainer.train()
     steady = times[args.warmup:]
     result = {

@@ -8,6 +8,7 @@ from generators.registry import Registry
 
 GENERATORS: Registry = Registry("generator backend")
 GENERATORS.add_lazy("janus", "generators.janus:JanusGenerator")
+GENERATORS.add_lazy("emu3", "generators.emu3:Emu3Generator")
 GENERATORS.add_lazy("diffusers", "generators.diffusers_backend:DiffusersGenerator")
 GENERATORS.add_lazy("lab", "generators.lab.generator:LabGenerator")
 

@@ -10,6 +10,26 @@ set of methods, so a new model family is one file that implements the capabiliti
 image-token model implements ``image_tokens`` and ``token_scores`` (what the controlled-generation probe, the
 synthetic data and the preference trainers need), a model with separable language and vision parts implements
 ``components`` (the component swap), and so on.
+
+What changed to fit a second unified family (Emu3, beside Janus), so that the next one (a Chameleon-class image
+generator, or ``GlmImageForConditionalGeneration``) is one file:
+
+* **Image tokens are codebook ids** ``(B, T)`` in ``[0, codebook_size)`` for every family. How a family lays them
+  out in its language model (Janus: separate generation embeddings and head; Emu3: ordinary vocabulary entries, a
+  line-break token after each row of the grid and end tokens) is the family's *layout*, a subclass of
+  :class:`generators.sequence.ImageTokenLayout` (``prompt_ids``, teacher-forced ``logits``, seeded ``sample``,
+  ``decode``) that works on any model of the family. ``token_scores`` promises it as ``layout``: the trainers
+  score, sample and decode their PEFT-wrapped policy through it, instead of calling Janus functions and a
+  Janus-only forward.
+* **Understanding is a method**, ``answer(questions, seeds, ...)``, that samples answers through the model's own
+  chat path with a blank image, instead of the probe reading ``model``/``tokenizer`` in the Janus chat layout.
+* **Shared machinery** lives in :mod:`generators.sequence`: :class:`~generators.sequence.ImageTokenGenerator`
+  turns a layout into the ``image_tokens``/``token_scores`` methods (batching, guidance, adapters, components),
+  :class:`~generators.sequence.TokenSampling` holds the sampling settings every image-token backend has.
+
+A new image-token family therefore subclasses the two classes (its layout and its generator with a ``Settings``
+dataclass), implements the further capabilities its architecture has, and registers the backend in
+:mod:`generators.backends`.
 """
 
 from __future__ import annotations
@@ -40,7 +60,7 @@ class GeneratedImage:
 class GeneratorConfig:
     """Which generator to load and how to sample from it."""
 
-    backend: str = option(help="generator backend (registry name): janus, diffusers, lab")
+    backend: str = option(help="generator backend (registry name): janus, emu3, diffusers, lab")
     model: str = option(
         "", help="hub id or local directory for from_pretrained; 'tiny' builds a seeded tiny model in-process"
     )
@@ -70,12 +90,15 @@ IMAGE_ENCODERS = "image_encoders"
 
 # What each capability promises: the methods and attributes a backend that declares it implements.
 CAPABILITIES: dict[str, str] = {
-    IMAGE_TOKENS: "discrete image tokens: sample_tokens(prompts, seeds) -> (B, T) ids drawn from each image's own "
-                  "seed, decode(tokens) -> images, encode(prompts), num_image_tokens, codebook_size",
+    IMAGE_TOKENS: "discrete image tokens: sample_tokens(prompts, seeds) -> (B, T) codebook ids drawn from each image's "
+                  "own seed, decode(tokens) -> images, encode(prompts), num_image_tokens, codebook_size",
     TOKEN_SCORES: "teacher-forced scoring of given image tokens: logprobs(prompts, tokens, guidance_scale) -> (B, T), "
-                  "token_distribution(prompts, tokens) -> (B, T, V) sampling distributions",
-    UNDERSTANDING: "answers questions about an image: model and tokenizer in the Janus chat layout, and its "
-                   "image_processor (or None)",
+                  "token_distribution(prompts, tokens) -> (B, T, V) sampling distributions, and layout (a "
+                  "generators.sequence.ImageTokenLayout: prompt rows, scoring, sampling and decoding on any model of "
+                  "the family, e.g. a PEFT-wrapped policy)",
+    UNDERSTANDING: "answers questions about an image: answer(questions, seeds, template=..., max_new_tokens=..., "
+                   "temperature=..., top_k=..., top_p=..., blank=..., mean=..., std=..., batch_size=...) -> texts, "
+                   "sampled from each answer's own seed through the model's chat path with a blank image",
     COMPONENTS: "separable language and vision sides: components() -> {'language': [...], 'vision': [...]} module "
                 "paths under module_root(), component_roles",
     IMAGE_ENCODERS: "image encoders to probe: image_encoders() -> {name: description}, "

@@ -1,8 +1,8 @@
 """Janus / Janus-Pro backend (`transformers.JanusForConditionalGeneration`).
 
-The sequence layout (prompt rows, left padding, positions, classifier-free guidance rows, teacher-forced image
-logits, per-image seeded sampling) lives in :mod:`generators.janus_sequence`; this module is the backend class and
-its sampling settings.
+The sequence layout (prompt rows, classifier-free guidance rows, teacher-forced image logits, per-image seeded
+sampling, questions about an image) lives in :mod:`generators.janus_sequence`; this module is the backend class
+and its sampling settings.
 """
 
 from __future__ import annotations
@@ -20,57 +20,25 @@ from generators.base import (
     IMAGE_TOKENS,
     TOKEN_SCORES,
     UNDERSTANDING,
-    GeneratedImage,
     GeneratorConfig,
-    base_identity,
-    check_prompts_and_seeds,
     images_to_tensor,
     parse_settings,
     pool_embeddings,
-    resolve_device,
-    to_pil,
     torch_dtype,
 )
 from generators.config import ConfigError, UserError, option
-from generators.janus_sequence import (
-    SpecialIds, encode_prompts, filter_logits, image_logits, image_token_logprobs, is_peft_model, sample_image_tokens,
-    unwrap,
-)
+from generators.janus_sequence import JanusLayout, SpecialIds, sample_answers
+from generators.sequence import ImageTokenGenerator, TokenSampling, unwrap
 
 
 @dataclass
-class JanusSettings:
+class JanusSettings(TokenSampling):
     """Sampling settings of the Janus backend (keys of ``generator.sampling``)."""
 
     guidance_scale: float = option(5.0, help="classifier-free guidance scale; 1 disables CFG (Janus-Pro card: 5)")
-    temperature: float = option(1.0, help="softmax temperature of image-token sampling")
-    top_k: int = option(0, help="keep the k most likely image tokens; 0 keeps all")
-    top_p: float = option(1.0, help="nucleus sampling mass; 1 keeps all")
-    do_sample: bool = option(True, help="sample image tokens; false takes the argmax (greedy)")
-    prompt_template: str = option(
-        "{prompt}", help="how a prompt is wrapped before tokenising, e.g. Janus-Pro's chat format; needs {prompt}"
-    )
-
-    def __post_init__(self):
-        if self.guidance_scale < 1:
-            raise ConfigError(
-                f"config key 'generator.sampling.guidance_scale': must be >= 1 (1 disables CFG), got "
-                f"{self.guidance_scale}"
-            )
-        if self.temperature <= 0:
-            raise ConfigError(f"config key 'generator.sampling.temperature': must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"config key 'generator.sampling.top_k': must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"config key 'generator.sampling.top_p': must be in (0, 1], got {self.top_p}")
-        if "{prompt}" not in self.prompt_template:
-            raise ConfigError(
-                f"config key 'generator.sampling.prompt_template': {self.prompt_template!r} has no '{{prompt}}'; "
-                "add the placeholder where the prompt goes"
-            )
 
 
-class JanusGenerator:
+class JanusGenerator(ImageTokenGenerator):
     """Janus / Janus-Pro text-to-image generation behind the :class:`generators.base.Generator` protocol.
 
     Every capability of :data:`generators.base.CAPABILITIES`: image tokens from one causal LM over a VQ codebook,
@@ -105,20 +73,14 @@ class JanusGenerator:
     def __init__(self, config: GeneratorConfig, model=None, tokenizer=None):
         self.config = config
         self.settings: JanusSettings = parse_settings(JanusSettings, config)
-        self.device = resolve_device(config.device)
         if model is None:
             model, tokenizer = self._load(config)
         elif tokenizer is None:
             raise ConfigError("JanusGenerator: pass the tokenizer together with the model")
-        if config.adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, config.adapter)
-            if config.merge_adapter:
-                model = model.merge_and_unload()
-        self.model = model.to(self.device).eval()
+        self.model = self._prepare(config, model)
         self.tokenizer = tokenizer
         self.ids = SpecialIds.of(unwrap(self.model), tokenizer)
+        self.layout = JanusLayout.of(self.model, tokenizer, self.settings.prompt_template)
         self.image_processor = self._image_processor(config.model)
 
     @staticmethod
@@ -148,73 +110,18 @@ class JanusGenerator:
         model = JanusForConditionalGeneration.from_pretrained(config.model, dtype=torch_dtype(config.dtype), **kwargs)
         return model, AutoTokenizer.from_pretrained(config.model, **kwargs)
 
-    @property
-    def num_image_tokens(self) -> int:
-        return unwrap(self.model).config.vision_config.num_image_tokens
-
-    def encode(self, prompts: Sequence[str]):
-        """``(input_ids, attention_mask)`` for prompts, with the configured template."""
-        return encode_prompts(self.tokenizer, prompts, self.ids, self.settings.prompt_template)
-
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[GeneratedImage]:
-        check_prompts_and_seeds(prompts, seeds)
-        out: list[GeneratedImage] = []
-        bs = self.config.batch_size
-        for i in range(0, len(prompts), bs):
-            p, s = list(prompts[i:i + bs]), list(seeds[i:i + bs])
-            tokens = self.sample_tokens(p, s)
-            for prompt, seed, img, tok in zip(p, s, self.decode(tokens), tokens.tolist()):
-                out.append(GeneratedImage(prompt=prompt, seed=int(seed), image=img, tokens=tok))
-        return out
-
-    def sample_tokens(self, prompts: Sequence[str], seeds: Sequence[int], settings: JanusSettings | None = None):
-        """``(B, T)`` image tokens for one batch (no splitting)."""
-        input_ids, mask = self.encode(prompts)
-        return sample_image_tokens(self.model, input_ids, mask, seeds, settings or self.settings, self.ids)
-
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor):
-        """Image tokens -> PIL images through the model's VQ decoder."""
-        pixels = unwrap(self.model).decode_image_tokens(tokens.to(self.device))
-        return to_pil(pixels.float().cpu().numpy())
-
-    def logprobs(self, prompts: Sequence[str], image_tokens: torch.Tensor, guidance_scale: float = 1.0):
-        """Teacher-forced ``(B, T)`` log-probs of ``image_tokens`` under ``prompts`` (CFG when scale != 1)."""
-        input_ids, mask = self.encode(prompts)
-        return image_token_logprobs(self.model, input_ids.to(self.device), mask.to(self.device),
-                                    image_tokens.to(self.device), self.ids, guidance_scale,
-                                    self.settings.temperature)
-
-    @property
-    def codebook_size(self) -> int:
-        return int(unwrap(self.model).config.vq_config.num_embeddings)
-
-    @torch.no_grad()
-    def token_distribution(self, prompts: Sequence[str], image_tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, T, V)``: at each position, the distribution the sampler draws that token from, teacher-forced on
-        the given prefix (the configured guidance, temperature, top-k and top-p; one-hot of the argmax if greedy)."""
-        s = self.settings
-        input_ids, mask = self.encode(prompts)
-        tokens = image_tokens.to(self.device)
-        logits = image_logits(self.model, input_ids.to(self.device), mask.to(self.device), tokens, self.ids,
-                              s.guidance_scale).float()
-        if not s.do_sample:
-            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        return filter_logits(logits / s.temperature, s.top_k, s.top_p).softmax(-1)
-
-    def components(self) -> dict[str, list[str]]:
-        return {k: list(v) for k, v in self.COMPONENTS.items()}
-
-    def module_root(self, model=None):
-        """The Janus model whose modules :meth:`components` names: this generator's, or ``model`` (a generator's
-        model of the same architecture; an unmerged PEFT model is merged into a copy)."""
-        if model is None:
-            return unwrap(self.model)
-        if is_peft_model(model):
-            import copy
-
-            return copy.deepcopy(model).merge_and_unload()
-        return model
+    def answer(self, questions: Sequence[str], seeds: Sequence[int], *, template: str = "{image}{question}",
+               max_new_tokens: int = 12, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               blank: str = "white", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+               batch_size: int = 32) -> list[str]:
+        """One sampled answer per (question, seed) about a blank image (see
+        :func:`generators.janus_sequence.sample_answers`). ``mean``/``std`` default to the model folder's image
+        processor, else Janus-Pro's 0.5 / 0.5."""
+        ip = self.image_processor
+        mean = list(mean or getattr(ip, "image_mean", None) or [0.5] * 3)
+        std = list(std or getattr(ip, "image_std", None) or [0.5] * 3)
+        return sample_answers(self.model, self.tokenizer, questions, seeds, template, max_new_tokens, temperature,
+                              top_k, top_p, blank, mean, std, batch_size)
 
     def image_encoders(self) -> dict[str, str]:
         return dict(self.ENCODERS)
@@ -249,6 +156,3 @@ class JanusGenerator:
                 e = pool_embeddings(vq.quant_conv(vq.encoder(x)), pool, channels_first=True)
             out.append(e.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-    def identity(self) -> dict:
-        return base_identity(self.config, self.settings)

@@ -1,31 +1,33 @@
-"""The Janus sequence layout: the one home of how prompts, guidance rows, positions and image tokens are laid out.
+"""The Janus sequence layout: the one home of how Janus lays out prompts, guidance rows, image tokens and questions.
 
-Used by sampling (:class:`generators.janus.JanusGenerator`), teacher-forced scoring and the trainers
-(``debias.train``: prompt ids and left padding in the collators), the locate probes and the lab-world builder.
+Used by sampling (:class:`generators.janus.JanusGenerator`), teacher-forced scoring and the trainers (through
+:class:`JanusLayout`), the understanding probe (:func:`sample_answers`) and the lab-world builder. The padding,
+positions, guidance and seeded-sampling conventions every family shares are in :mod:`generators.sequence`.
 
 * Prompt: ``[bos] + tokens(template(prompt)) + [boi]``, followed by the image tokens.
-* Batches are left-padded with ``pad``, attention 0 on the padding, and ``position_ids = cumsum(mask) - 1``
-  (clamped at 0), so a row's positions do not depend on its padding.
 * Text positions are embedded with ``get_input_embeddings()``, image tokens with
   ``prepare_embeddings_for_image_generation``; the hidden state at position ``Lp - 1 + t`` (``Lp`` = prompt
   length including ``boi``) predicts image token ``t`` through ``model.model.generation_head``.
 * Classifier-free guidance adds an unconditional row in which every token but bos/boi is replaced by pad
-  (attention kept), as transformers' own Janus ``generate`` does, and combines raw logits as
-  ``uncond + g * (cond - uncond)``.
-* Sampling draws each image's (or answer's) random numbers from a generator seeded with its own seed and picks
-  tokens by inverse-CDF lookup, so a sample does not depend on the batch it was drawn in (``model.generate``
-  samples the whole batch from the global RNG). ``benchmarks/bench_sampling.py`` measures the cost of this loop
-  against ``model.generate``.
+  (attention kept), as transformers' own Janus ``generate`` does. ``benchmarks/bench_sampling.py`` measures the
+  cost of the seeded loop against ``model.generate``.
+* Questions about an image (the understanding path): ``[bos] + template`` with ``{image}`` =
+  ``<begin_of_image>`` + N ``<image_placeholder>`` + ``<end_of_image>``, N the understanding tower's patch count;
+  the tower's features of the given pixels fill the placeholders.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from generators.base import to_pil
+from generators.sequence import (
+    ImageTokenLayout, decode_answer, guided, left_pad, next_tokens, positions, sample_text_tokens, seeded_uniforms,
+    token_logprobs, unwrap,
+)
 
 
 @dataclass(frozen=True)
@@ -49,36 +51,12 @@ class SpecialIds:
         return cls(bos=int(bos), pad=int(pad), boi=int(boi))
 
 
-def unwrap(model):
-    """The Janus model under a PEFT wrapper (LoRA layers are injected in place, so they stay active)."""
-    return model.get_base_model() if is_peft_model(model) else model
-
-
-def is_peft_model(model) -> bool:
-    """True for a PEFT-wrapped model. Without peft imported there can be none, so peft (slow to import) stays
-    off the sampling path."""
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
-
-
 # ------------------------------------------------------------------------------------------------ prompts
 
 
 def prompt_ids(tokenizer, prompt: str, ids: SpecialIds, template: str = "{prompt}") -> list[int]:
     """``[bos] + tokens(template(prompt)) + [boi]`` (no padding): one prompt row of the layout."""
     return [ids.bos, *tokenizer(template.format(prompt=prompt), add_special_tokens=False).input_ids, ids.boi]
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token rows to one width: ``(input_ids, attention_mask)`` with attention 0 on the padding."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for n, r in enumerate(rows):
-        if len(r):
-            input_ids[n, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
-            mask[n, width - len(r):] = 1
-    return input_ids, mask
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], ids: SpecialIds, template: str = "{prompt}"):
@@ -90,11 +68,6 @@ def unconditional(input_ids: torch.Tensor, ids: SpecialIds) -> torch.Tensor:
     """The CFG unconditional rows: every token but bos/boi replaced by pad (the mask is kept as is)."""
     keep = (input_ids == ids.bos) | (input_ids == ids.boi)
     return input_ids.masked_fill(~keep, ids.pad)
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding: ``(cumsum(mask) - 1).clamp(min=0)``."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -131,11 +104,7 @@ def image_logits(
     hidden = janus.model.language_model(
         inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask)
     ).last_hidden_state
-    logits = janus.model.generation_head(hidden[:, input_ids.shape[1] - 1:])
-    if cfg:
-        cond, uncond = logits.chunk(2)
-        logits = uncond + guidance_scale * (cond - uncond)
-    return logits
+    return guided(janus.model.generation_head(hidden[:, input_ids.shape[1] - 1:]), guidance_scale)
 
 
 def image_token_logprobs(
@@ -144,45 +113,10 @@ def image_token_logprobs(
 ) -> torch.Tensor:
     """``(B, T)`` log-probabilities of the given image tokens (teacher forced); see :func:`image_logits`."""
     logits = image_logits(model, input_ids, attention_mask, image_tokens, ids, guidance_scale)
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, image_tokens.unsqueeze(-1)).squeeze(-1)
+    return token_logprobs(logits, image_tokens, temperature)
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-
-
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k then top-p (nucleus) filtering: dropped entries become ``-inf``; ``top_k=0`` / ``top_p=1`` keep all.
-
-    This is the distribution sampling draws from (after dividing by the temperature), so probes that need
-    "exactly the distribution a token was drawn from" apply it to teacher-forced logits too.
-    """
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits
-
-
-def seeded_uniforms(seeds: Sequence[int], n: int, device) -> torch.Tensor:
-    """``(B, n)`` float64 uniforms; row i comes only from a generator seeded with ``seeds[i]``."""
-    return torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-                        for s in seeds]).to(device)
-
-
-def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """One token per row by inverse-CDF lookup of ``uniforms`` (B,) in the filtered, tempered softmax of ``logits``.
-
-    Inverse-CDF sampling from per-row uniform streams keeps every sample independent of its batch-mates.
-    """
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1).double()
-    cdf = probs.cumsum(-1)
-    u = (uniforms * cdf[:, -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -220,14 +154,7 @@ def sample_image_tokens(
     position = positions(attention_mask)[:, -1:]
     tokens = torch.empty((B, n_tok), dtype=torch.long, device=device)
     for t in range(n_tok):
-        logits = head(out.last_hidden_state[:, -1]).float()
-        if cfg:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + settings.guidance_scale * (cond - uncond)
-        if settings.do_sample:
-            nxt = draw(logits, uniforms[:, t], settings.temperature, settings.top_k, settings.top_p)
-        else:
-            nxt = logits.argmax(-1)
+        nxt = next_tokens(head(out.last_hidden_state[:, -1]), uniforms[:, t], settings)
         tokens[:, t] = nxt
         if t == n_tok - 1:
             break
@@ -239,52 +166,132 @@ def sample_image_tokens(
     return tokens
 
 
-@torch.no_grad()
-def sample_text_tokens(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, seeds: Sequence[int], max_new_tokens: int,
-    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
-    pixel_values: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Sample text continuations through the language head with a KV cache (the understanding path).
+@dataclass
+class JanusLayout(ImageTokenLayout):
+    """The Janus layout of one tokenizer and prompt template, on any Janus model (see
+    :class:`generators.sequence.ImageTokenLayout`)."""
 
-    The prefill runs the full model forward, so image placeholders in ``input_ids`` are filled from
-    ``pixel_values`` by the vision tower; row i uses only random numbers drawn from ``seeds[i]``.
+    tokenizer: object
+    ids: SpecialIds
+    num_image_tokens: int
+    codebook_size: int
+    template: str = "{prompt}"
+
+    @classmethod
+    def of(cls, model, tokenizer, template: str = "{prompt}") -> "JanusLayout":
+        janus = unwrap(model)
+        return cls(tokenizer, SpecialIds.of(janus, tokenizer), int(janus.config.vision_config.num_image_tokens),
+                   int(janus.config.vq_config.num_embeddings), template)
+
+    @property
+    def pad_id(self) -> int:
+        return self.ids.pad
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return prompt_ids(self.tokenizer, prompt, self.ids, self.template)
+
+    def logits(self, model, input_ids, attention_mask, image_tokens, guidance_scale: float = 1.0):
+        return image_logits(model, input_ids, attention_mask, image_tokens, self.ids, guidance_scale)
+
+    def sample(self, model, input_ids, attention_mask, seeds, settings):
+        return sample_image_tokens(model, input_ids, attention_mask, seeds, settings, self.ids,
+                                   self.num_image_tokens)
+
+    @torch.no_grad()
+    def decode(self, model, image_tokens):
+        pixels = unwrap(model).decode_image_tokens(image_tokens)
+        return to_pil(pixels.float().cpu().numpy())
+
+
+# ------------------------------------------------------------------------------------------- understanding
+
+
+def num_image_placeholders(model) -> int:
+    """Image placeholder tokens per image: the understanding vision tower's patch count."""
+    vc = unwrap(model).config.vision_config
+    return (vc.image_size // vc.patch_size) ** 2
+
+
+def question_ids(model, tokenizer, question: str, template: str = "{image}{question}") -> list[int]:
+    """Token ids of ``[bos] + template`` with ``{image}`` = ``<begin_of_image>`` + N placeholders + ``<end_of_image>``.
+
+    Text segments are tokenised separately (no special tokens added) and the image block is inserted as ids, so
+    the tokenizer never splits the special tokens.
+    """
+    janus = unwrap(model)
+    ids = SpecialIds.of(janus, tokenizer)
+    eoi = tokenizer.convert_tokens_to_ids(getattr(tokenizer, "eoi_token", None) or "<end_of_image>")
+    image = [ids.boi, *[int(janus.config.image_token_id)] * num_image_placeholders(janus), int(eoi)]
+    out = [ids.bos]
+    for i, part in enumerate(template.split("{image}")):
+        if i:
+            out += image
+        text = part.replace("{question}", question)
+        if text:
+            out += tokenizer(text, add_special_tokens=False).input_ids
+    return out
+
+
+def answer_rows(model, tokenizer, pairs: Sequence[tuple[str, str]], template: str = "{image}{question}"):
+    """Teacher-forced rows that answer questions about an image: ``(input_ids, attention_mask, labels)``.
+
+    Each row is :func:`question_ids` followed by ``tokens(answer) + [<eos>]``, left-padded; labels cover the answer
+    and ``<eos>`` only (-100 elsewhere). Used to plant answers (the lab world, the tests' ground truth).
+    """
+    rows, n_answer = [], []
+    for question, answer in pairs:
+        tail = [*tokenizer(answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+        rows.append(question_ids(model, tokenizer, question, template) + tail)
+        n_answer.append(len(tail))
+    input_ids, mask = left_pad(rows, tokenizer.pad_token_id)
+    labels = torch.full_like(input_ids, -100)
+    for i, k in enumerate(n_answer):
+        labels[i, -k:] = input_ids[i, -k:]
+    return input_ids, mask, labels
+
+
+def blank_pixel_values(model, n: int, color: str = "white", mean: Sequence[float] | None = None,
+                       std: Sequence[float] | None = None):
+    """``(n, 3, S, S)`` pixel values of a blank image for the understanding vision tower (S = its image size)."""
+    size = unwrap(model).config.vision_config.image_size
+    value = {"white": 1.0, "black": 0.0, "gray": 0.5}[color]
+    mean = torch.tensor(list(mean or [0.5] * 3), dtype=torch.float32)
+    std = torch.tensor(list(std or [0.5] * 3), dtype=torch.float32)
+    # A constant image is unchanged by resizing, so normalising the constant is exactly what a processor does.
+    pixel = (value - mean) / std
+    return pixel.view(1, 3, 1, 1).expand(n, 3, size, size).contiguous()
+
+
+def sample_answers(model, tokenizer, questions: Sequence[str], seeds: Sequence[int],
+                   template: str = "{image}{question}", max_new_tokens: int = 12, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0, blank: str = "white", mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None, batch_size: int = 32) -> list[str]:
+    """One answer per (question, seed) about a blank image, through the model's multimodal path (decoded texts).
 
     Args:
         model: ``JanusForConditionalGeneration`` (optionally PEFT-wrapped).
-        input_ids, attention_mask: ``(B, L)`` left-padded rows (:func:`left_pad`), on the model's device.
-        seeds: one seed per row.
-        max_new_tokens: most tokens generated per row.
-        temperature, top_k, top_p: as in :func:`draw`.
-        eos_id: a row stops at this token; later positions hold ``pad_id``.
-        pad_id: filler after a row has stopped.
-        pixel_values: images for the placeholders (``None``: a text-only prompt).
-
-    Returns:
-        ``(B, n)`` new token ids, ``n <= max_new_tokens`` (the loop ends once every row has stopped).
+        tokenizer: its tokenizer.
+        questions: question texts (already filled), one per answer.
+        seeds: one seed per answer; answer i only uses random numbers drawn from ``seeds[i]``.
+        template, max_new_tokens, temperature, top_k, top_p, blank, batch_size: see
+            ``debias.locate.understanding.UnderstandingConfig``.
+        mean, std: pixel normalisation of the understanding tower (default 0.5 / 0.5, Janus-Pro's processor).
     """
-    from transformers import DynamicCache
-
     janus = unwrap(model)
-    device = input_ids.device
-    uniforms = seeded_uniforms(seeds, max_new_tokens, device)
-    cache = DynamicCache()
-    position = positions(attention_mask)
-    extra = {} if pixel_values is None else {"pixel_values": pixel_values}
-    out = janus(input_ids=input_ids, attention_mask=attention_mask, position_ids=position,
-                past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
-    position = position[:, -1:]
-    done = torch.zeros(len(input_ids), dtype=torch.bool, device=device)
-    new = []
-    for t in range(max_new_tokens):
-        nxt = draw(out.logits[:, -1].float(), uniforms[:, t], temperature, top_k, top_p).masked_fill(done, pad_id)
-        new.append(nxt)
-        if eos_id is not None:
-            done |= nxt == eos_id
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(input_ids), 1))], dim=1)
-        position = position + 1
-        out = janus(input_ids=nxt.unsqueeze(-1), attention_mask=attention_mask, position_ids=position,
-                    past_key_values=cache, use_cache=True)
-    return torch.stack(new, dim=1)
+    device = janus.get_input_embeddings().weight.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = tokenizer.eos_token_id
+    cache_ids: dict[str, list[int]] = {}
+    answers: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        qs, ss = list(questions[start:start + batch_size]), list(seeds[start:start + batch_size])
+        rows = [cache_ids.setdefault(q, question_ids(janus, tokenizer, q, template)) for q in qs]
+        input_ids, mask = left_pad(rows, pad)
+        pixels = blank_pixel_values(janus, len(rows), blank, mean, std).to(device, janus.dtype)
+        gen = sample_text_tokens(
+            janus, input_ids.to(device), mask.to(device), ss, max_new_tokens, temperature, top_k, top_p,
+            eos_id=eos, pad_id=pad, pixel_values=pixels,
+        ).cpu().tolist()
+        answers += [decode_answer(tokenizer, row, eos) for row in gen]
+    return answers
+

@@ -1,7 +1,8 @@
 """Seeded tiny models built from configs in-process: real architectures, random weights, no hub.
 
-Used by tests, smoke configs and benchmarks. Every builder returns objects that ``save_pretrained`` and load back
-with ``from_pretrained`` exactly like the real checkpoints they stand in for.
+Used by tests, smoke configs and benchmarks (tiny Janus, tiny Emu3, tiny Stable Diffusion). Every builder returns
+objects that ``save_pretrained`` and load back with ``from_pretrained`` exactly like the real checkpoints they stand
+in for.
 """
 
 from __future__ import annotations
@@ -18,12 +19,24 @@ BASE_WORDS = (
 ).split()
 
 JANUS_SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<begin_of_image>", "<end_of_image>", "<image_placeholder>"]
+JANUS_ROLES = dict(pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
+                   extra_special_tokens={"boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>",
+                                         "image_token": "<image_placeholder>"})
+
+# Emu3's special tokens (the names of BAAI/Emu3-*-hf's tokenizer) and the roles its processor reads them in.
+EMU3_SPECIALS = ["<|endoftext|>", "<unk>", "<|extra_203|>", "<|extra_204|>", "<image>", "<|image start|>",
+                 "<|image end|>", "<|image token|>", "<|extra_201|>", "<|extra_200|>"]
+EMU3_ROLES = dict(pad_token="<|endoftext|>", unk_token="<unk>", bos_token="<|extra_203|>", eos_token="<|extra_204|>",
+                  extra_special_tokens={"image_token": "<image>", "boi_token": "<|image start|>",
+                                        "eoi_token": "<|image end|>", "image_wrapper_token": "<|image token|>",
+                                        "eof_token": "<|extra_201|>"})
 
 
-def word_tokenizer(words: Iterable[str], specials: list[str] = JANUS_SPECIALS):
+def word_tokenizer(words: Iterable[str], specials: list[str] = JANUS_SPECIALS, roles: dict = JANUS_ROLES):
     """A word-level ``PreTrainedTokenizerFast`` (lower-cased, punctuation split off) over ``specials + words``.
 
-    Special tokens keep the ids of their position in ``specials``: ``<pad>`` 0, ``<unk>`` 1, ``<bos>`` 2, ...
+    Special tokens keep the ids of their position in ``specials``: ``<pad>`` 0, ``<unk>`` 1, ``<bos>`` 2, ...;
+    ``roles`` names them (``pad_token``, ..., ``extra_special_tokens``).
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -34,15 +47,7 @@ def word_tokenizer(words: Iterable[str], specials: list[str] = JANUS_SPECIALS):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        extra_special_tokens={"boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>",
-                              "image_token": "<image_placeholder>"},
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
 
 
 def byte_symbols() -> list[str]:
@@ -52,22 +57,32 @@ def byte_symbols() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def byte_tokenizer(specials: list[str] = JANUS_SPECIALS):
-    """A byte-level ``PreTrainedTokenizerFast`` (no merges): every text tokenizes, none to <unk>; specials first."""
+def byte_tokenizer(specials: list[str] = JANUS_SPECIALS, roles: dict = JANUS_ROLES, added: Iterable[str] = (),
+                   unused: int = 0):
+    """A byte-level ``PreTrainedTokenizerFast`` (no merges): every text tokenizes, none to <unk>.
+
+    The vocabulary is ``specials``, the 256 byte symbols, ``unused`` never-produced filler tokens, then ``added``
+    (e.g. Emu3's visual tokens); ``roles`` names the specials, and every token of ``specials`` and ``added`` is a
+    special token, so a text never splits one.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {s: i for i, s in enumerate(specials)}
     for sym in byte_symbols():
         vocab.setdefault(sym, len(vocab))
+    for n in range(unused):
+        vocab[f"<|unused{n}|>"] = len(vocab)
+    added = list(added)
+    for a in added:
+        vocab.setdefault(a, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-        extra_special_tokens={"boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>",
-                              "image_token": "<image_placeholder>"},
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
+    named = {v for v in roles.values() if isinstance(v, str)} | set(roles.get("extra_special_tokens", {}).values())
+    tokenizer.add_tokens([t for t in [*specials, *added] if t not in named], special_tokens=True)
+    return tokenizer
 
 
 def prompt_words(prompts: Iterable[str]) -> list[str]:
@@ -136,6 +151,85 @@ def tiny_janus(seed: int = 0, words: Iterable[str] | None = None, **config_kwarg
         generation_kwargs={"boi_token_id": tokenizer.convert_tokens_to_ids("<begin_of_image>")},
     )
     return model, tokenizer
+
+
+def tiny_emu3_config(
+    vocabulary_map: dict[str, int],
+    codebook_size: int,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    channel_multiplier: tuple[int, ...] = (1, 1, 1, 1),
+    base_channels: int = 32,
+):
+    """An ``Emu3Config`` small enough for unit tests. The VQ keeps Emu3's spatial factor 8 (four levels), so a
+    32 x 32 image is 4 x 4 tokens, as transformers' ``Emu3Processor`` assumes; one frame (no temporal layers)."""
+    from transformers import Emu3Config
+
+    ids = vocabulary_map
+    return Emu3Config(
+        text_config=dict(
+            vocab_size=len(ids), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|extra_203|>"], eos_token_id=ids["<|extra_204|>"],
+        ),
+        vq_config=dict(
+            codebook_size=codebook_size, embed_dim=4, latent_channels=4, base_channels=base_channels,
+            channel_multiplier=list(channel_multiplier), num_res_blocks=1, attn_resolutions=[],
+            hidden_size=base_channels * channel_multiplier[-1], num_attention_heads=1, temporal_downsample_factor=1,
+        ),
+        vocabulary_map=dict(ids),
+    )
+
+
+def emu3_processor(codebook_size: int = 64, image_side: int = 32, vocab_size: int | None = None):
+    """An ``Emu3Processor``: a byte-level tokenizer with Emu3's special tokens and one ``<|visual token{c:06d}|>`` per
+    code (the last ``codebook_size`` ids, as in Emu3's vocabulary), and an ``Emu3ImageProcessor`` that keeps
+    ``image_side`` x ``image_side`` images (its smallest size: the understanding path's blank image).
+
+    Args:
+        codebook_size: VQ codes.
+        image_side: smallest square side the image processor keeps.
+        vocab_size: pad the vocabulary with unused tokens to this size (a real-size embedding and ``lm_head``).
+    """
+    from transformers import Emu3ImageProcessor, Emu3Processor
+
+    fill = 0 if vocab_size is None else vocab_size - codebook_size - len(EMU3_SPECIALS) - 256
+    if fill < 0:
+        raise ValueError(f"vocab_size {vocab_size} cannot hold {codebook_size} codes, the specials and 256 bytes")
+    visual = [f"<|visual token{c:06d}|>" for c in range(codebook_size)]
+    tokenizer = byte_tokenizer(EMU3_SPECIALS, EMU3_ROLES, added=visual, unused=fill)
+    image_processor = Emu3ImageProcessor(min_pixels=image_side**2, max_pixels=(2 * image_side) ** 2)
+    return Emu3Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def emu3_generation_config(tokenizer):
+    """The generation config an Emu3 checkpoint ships (bos, eos, pad)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+
+
+def tiny_emu3(seed: int = 0, codebook_size: int = 64, image_side: int = 32, **config_kwargs):
+    """Seeded tiny ``Emu3ForConditionalGeneration`` and its ``Emu3Processor`` (:func:`emu3_processor`).
+
+    Args:
+        seed: torch seed for the random weights.
+        codebook_size: VQ codes, each a ``<|visual token{c:06d}|>`` of the vocabulary.
+        image_side: the image processor's smallest (and default) square side: the understanding path's blank image.
+        **config_kwargs: passed to :func:`tiny_emu3_config`.
+
+    Returns:
+        ``(model, processor)``; both round-trip through ``save_pretrained`` / ``from_pretrained``.
+    """
+    from transformers import Emu3ForConditionalGeneration
+
+    processor = emu3_processor(codebook_size, image_side)
+    tokenizer = processor.tokenizer
+    torch.manual_seed(seed)
+    model = Emu3ForConditionalGeneration(tiny_emu3_config(tokenizer.get_vocab(), codebook_size, **config_kwargs)).eval()
+    model.generation_config = emu3_generation_config(tokenizer)
+    return model, processor
 
 
 def byte_clip_tokenizer():

@@ -233,7 +233,7 @@ def plant_answers(model, tokenizer, question: str, answers: dict[str, str], step
                   prompt_template: str = "{image}{question}", seed: int = 0) -> float:
     """Train ``model``'s text path (in place) to answer ``question`` about each occupation with a given word.
 
-    The rows follow the understanding probe's input exactly (:func:`debias.locate.understanding.question_ids`):
+    The rows follow the understanding probe's input exactly (:func:`generators.janus_sequence.question_ids`):
     image placeholders filled from a blank white image's pixel values through the real vision tower, then the
     answer and ``<eos>``. The first half of the steps trains the answer token alone, the second half the answer and
     ``<eos>``: learning both from the start often stalls on a plateau (the tiny model ties its input and output
@@ -251,8 +251,8 @@ def plant_answers(model, tokenizer, question: str, answers: dict[str, str], step
     Returns:
         The last training loss (answer and ``<eos>`` tokens).
     """
-    from debias.locate.understanding import answer_rows, blank_pixel_values
-    from generators.janus_sequence import positions
+    from generators.janus_sequence import answer_rows, blank_pixel_values
+    from generators.sequence import positions
 
     input_ids, mask, labels = answer_rows(
         model, tokenizer, [(question.format(occupation=o), a) for o, a in answers.items()], prompt_template)

@@ -57,7 +57,8 @@ def test_explain_lists_nested_keys_with_help():
 def test_registry_did_you_mean():
     with pytest.raises(ConfigError) as err:
         GENERATORS.get("janos")
-    assert str(err.value) == "unknown generator backend 'janos'; did you mean 'janus'?; available: diffusers, janus, lab"
+    assert str(err.value) == ("unknown generator backend 'janos'; did you mean 'janus'?; available: diffusers, emu3, "
+                              "janus, lab")
     reg = Registry("thing")
     reg.register("a")(int)
     with pytest.raises(ValueError, match="registered twice"):

@@ -88,7 +88,7 @@ def test_top_k_one_is_greedy():
 
 
 def test_filter_logits_keeps_top_k_and_the_smallest_nucleus():
-    from generators.janus_sequence import filter_logits
+    from generators.sequence import filter_logits
 
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     kept = lambda out: torch.isfinite(out[0]).tolist()  # noqa: E731
@@ -101,7 +101,7 @@ def test_filter_logits_keeps_top_k_and_the_smallest_nucleus():
 
 
 def test_text_sampling_is_batch_invariant_and_stops_at_eos():
-    from generators.janus_sequence import left_pad, sample_text_tokens
+    from generators.sequence import left_pad, sample_text_tokens
 
     g = janus()
     rows = [g.tokenizer("a nurse", add_special_tokens=False).input_ids,

@@ -298,14 +298,15 @@ def test_understanding_probe_reads_planted_answers_through_the_image_path(plante
     loss = plant_answers(model, planted.tokenizer, question, answers)
     assert loss < 0.1
     cfg = UnderstandingConfig(attributes=["gender"], samples=12, max_new_tokens=4)
-    r = understanding_probe(model, planted.tokenizer, list(answers), cfg)
+    answerer = janus_generator(model, planted.tokenizer, "planted")
+    r = understanding_probe(answerer, list(answers), cfg)
     per = {o["occupation"]: o for o in r["attributes"]["gender"]["per_occupation"]}
     assert per["nurse"]["majority"] == "female" and per["nurse"]["rd"] >= 0.8
     assert per["pilot"]["majority"] == "male"
     assert per["teacher"]["unknown_rate"] >= 0.8 and per["teacher"]["rd_effective"] <= 0.2
     assert per["nurse"]["examples"][0]["parsed"] == "female"
     # Same seeds, same answers: each sample draws from its own stream.
-    again = understanding_probe(model, planted.tokenizer, ["nurse"], cfg)
+    again = understanding_probe(answerer, ["nurse"], cfg)
     assert again["attributes"]["gender"]["per_occupation"][0]["counts"] == per["nurse"]["counts"]
     # Partial alignment beside a (hand-made) audit of the same occupations.
     audit = {"attributes": {"gender": {"classes": GENDER, "per_prompt": [

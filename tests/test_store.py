@@ -114,7 +114,7 @@ def test_two_process_accelerate_launch_gives_same_records(tmp_path):
 
 BAD = [
     ({"generator": {"backend": "janos", "model": "tiny"}},
-     "unknown generator backend 'janos'; did you mean 'janus'?; available: diffusers, janus, lab"),
+     "unknown generator backend 'janos'; did you mean 'janus'?; available: diffusers, emu3, janus, lab"),
     ({"generatr": {}}, "config key 'generatr' is unknown; did you mean 'generator'?"),
     ({"images_per_prompt": "many"}, "config key 'images_per_prompt': expected an integer, got 'many'"),
     ({"images_per_prompt": 0}, "config key 'images_per_prompt': must be a positive integer, got 0"),

@@ -109,7 +109,7 @@ def test_pairs_stay_aligned_through_the_trainer_dataloader(table, tmp_path):
     """After TRL's column handling, shuffling and collation, rows b and B+b are exactly pair b's recorded images."""
     from trl import DPOConfig
 
-    from debias.train.bpo import JanusBPOTrainer
+    from debias.train.bpo import ImageTokenBPOTrainer
     from debias.train.common import lora_config
     from debias.train.config import LoraOptions
     from debias.train.data import bpo_pairs
@@ -119,7 +119,7 @@ def test_pairs_stay_aligned_through_the_trainer_dataloader(table, tmp_path):
     gen = JanusGenerator(tiny_config())
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=5, report_to="none", use_cpu=True,
                      activation_checkpointing=False, save_strategy="no")
-    trainer = JanusBPOTrainer(gen.model, args, bpo_pairs(table), gen.tokenizer, gen.ids,
+    trainer = ImageTokenBPOTrainer(gen.model, args, bpo_pairs(table), gen.tokenizer, gen.layout,
                               peft_config=lora_config(LoraOptions(r=2, alpha=2)))
     tokens = torch.tensor(table["tokens"])
     prompts = table["prompt"]
@@ -149,7 +149,7 @@ def test_sft_trains_every_lora_weight_and_no_base_weight_and_saves_exactly(table
     from debias.train.common import lora_config
     from debias.train.config import LoraOptions
     from debias.train.data import sft_examples
-    from debias.train.sft import JanusSFTTrainer
+    from debias.train.sft import ImageTokenSFTTrainer
     from generators.janus import JanusGenerator
     from generators.janus_sequence import image_logits
     from generators.tiny import tiny_janus
@@ -159,7 +159,7 @@ def test_sft_trains_every_lora_weight_and_no_base_weight_and_saves_exactly(table
     args = SFTConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=3,
                      learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
                      activation_checkpointing=False)
-    trainer = JanusSFTTrainer(gen.model, args, sft_examples(table), gen.tokenizer, gen.ids,
+    trainer = ImageTokenSFTTrainer(gen.model, args, sft_examples(table), gen.tokenizer, gen.layout,
                               peft_config=lora_config(LoraOptions(r=4, alpha=8)))
     before = adapter_state(trainer.model)
     trainer.train()

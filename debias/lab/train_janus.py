@@ -8,7 +8,7 @@ the layout's unconditional row (:func:`~generators.janus_sequence.unconditional`
 
 Optionally (``understanding``) the text head learns to answer demographic questions about an occupation, mostly with
 "unknown" (a partial-alignment world), in exactly the understanding probe's input
-(:func:`debias.locate.understanding.question_ids`, a blank white image's pixel values through the real vision
+(:func:`generators.janus_sequence.question_ids`, a blank white image's pixel values through the real vision
 tower)::
 
     [<bos>] + [<begin_of_image>] + [<image_placeholder>] * 64 + [<end_of_image>] + tokens(question)
@@ -28,8 +28,10 @@ from debias.lab.vq import encode_images
 from debias.lab.world import (
     FORMS, IMAGE_SIZE, NUM_PATCHES, WorldConfig, caption, cosine_lr, janus_tokenizer,
 )
-from debias.locate.understanding import answer_rows, blank_pixel_values
-from generators.janus_sequence import SpecialIds, image_logits, left_pad, positions, prompt_ids, unconditional
+from generators.janus_sequence import (
+    SpecialIds, answer_rows, blank_pixel_values, image_logits, prompt_ids, unconditional,
+)
+from generators.sequence import left_pad, positions
 from generators.lab.render import GENDERS, OCCUPATIONS, RACES, render_batch
 
 
@@ -149,7 +151,7 @@ def qa_rows(model, cfg: WorldConfig, tokenizer, n: int, rng: np.random.Generator
     """Question-answer rows for the text head: ``(input_ids, attention_mask, labels)``.
 
     Each row is the understanding probe's question followed by its answer
-    (:func:`debias.locate.understanding.answer_rows`); labels cover the answer and <eos> only.
+    (:func:`generators.janus_sequence.answer_rows`); labels cover the answer and <eos> only.
     """
     attrs = list(cfg.understanding.questions)
     pairs = []

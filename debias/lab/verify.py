@@ -27,10 +27,10 @@ import torch
 from audit.classify import ClipClassifier
 from debias.lab.vq import decode_tokens, encode_images, to_pixels
 from debias.lab.world import WorldConfig, caption, load_world_config, random_attrs
-from debias.locate.understanding import blank_pixel_values, question_ids
 from generators.base import GeneratorConfig, to_pil
 from generators.config import UserError, from_dict, load_yaml
 from generators.janus import JanusGenerator
+from generators.janus_sequence import blank_pixel_values, question_ids
 from generators.lab.render import GENDERS, OCCUPATIONS, RACES, render_batch
 from generators.resources import named_config
 
@@ -196,7 +196,7 @@ def verify_world(model, tokenizer, clip, processor, cfg: WorldConfig, log) -> di
 @torch.no_grad()
 def answer_distribution(model, tokenizer, cfg: WorldConfig, attribute: str, occupation: str) -> dict[str, float]:
     """Exact next-token probabilities of the allowed answers (renormalised), plus their raw total mass, for the
-    understanding probe's input (:func:`debias.locate.understanding.question_ids`, blank white image)."""
+    understanding probe's input (:func:`generators.janus_sequence.question_ids`, blank white image)."""
     ids = question_ids(model, tokenizer, cfg.understanding.questions[attribute].format(occupation=occupation))
     x = torch.tensor([ids])
     logits = model(input_ids=x, pixel_values=blank_pixel_values(model, 1), attention_mask=torch.ones_like(x)).logits

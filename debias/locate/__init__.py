@@ -9,7 +9,8 @@ Four probes, each usable alone from Python and gathered by ``debias locate`` (:f
   image-token distributions; hit rate of the majority demographic.
 * :mod:`debias.locate.swap` - 2 x 2 swap of the language and vision sides of a base and a fine-tuned model.
 
-The tests check them against a tiny Janus with a planted language-side skew (``tests/planted.py``).
+The tests check them against a tiny Janus with a planted language-side skew (``tests/planted.py``), and run every
+probe on a tiny Emu3 (``tests/test_emu3_stages.py``).
 """
 
 from debias.locate.run import PROBES, LocateConfig, run_locate

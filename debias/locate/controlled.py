@@ -309,7 +309,7 @@ def controlled_probe(generator, prompts: Sequence[str], config: ControlledConfig
 
     Args:
         generator: a generator with the ``image_tokens`` capability (and ``token_scores`` for the
-            ``teacher_forced`` distribution), e.g. ``backend: janus`` or ``lab``.
+            ``teacher_forced`` distribution), e.g. ``backend: janus``, ``emu3`` or ``lab``.
         prompts: neutral prompts (ending in ``neutral_word``).
         config: probe settings.
         audit_metrics: ``run_audit`` metrics of the same generator: gives each prompt's majority class.

@@ -87,6 +87,11 @@ def _check(experiment_config, config: LocateConfig, generator, tuned) -> None:
         from debias.locate.controlled import NEEDED_BY
 
         require(generator, IMAGE_TOKENS, NEEDED_BY)
+    answerer = config.understanding.model
+    if "understanding" in config.probes and answerer and not Path(answerer).exists() and (
+            answerer.startswith((".", "/", "~")) or answerer.count("/") != 1):
+        raise UserError(f"config key 'locate.understanding.model': '{answerer}' does not exist; pass a model folder "
+                        "or a hub id (org/name), or leave it empty to ask the generator itself")
     if "vision" in config.probes:
         config.vision.check_data()
         config.vision.check_encoders(generator)
@@ -103,6 +108,20 @@ def _check(experiment_config, config: LocateConfig, generator, tuned) -> None:
         # Explicit variants replace the neutral word; fail now if a prompt has none.
         for p in experiment_config.prompts.neutral_prompts():
             explicit_prompt(p, "x", experiment_config.prompts.neutral_word)
+
+
+def _answerer(experiment_config, config: LocateConfig, generator):
+    """The generator that answers the understanding questions: ``locate.understanding.model`` loaded like the
+    generator (its backend and sampling settings; no adapter: one trained for the generation checkpoint does not
+    apply to another), or the generator itself."""
+    if not config.understanding.model:
+        return generator
+    from dataclasses import replace
+
+    from generators.backends import load_generator
+
+    return load_generator(replace(experiment_config.generator, model=config.understanding.model, adapter=None,
+                                  merge_adapter=False))
 
 
 def run_locate(experiment_config, locate_config: LocateConfig | Mapping | None, out_dir: str | Path,
@@ -162,8 +181,9 @@ def run_locate(experiment_config, locate_config: LocateConfig | Mapping | None, 
     model = experiment_config.generator.model or experiment_config.generator.backend
     results: dict[str, Any] = {}
     if "understanding" in probes:
-        r = understanding_probe(generator.model, generator.tokenizer, experiment_config.prompts.occupation_list(),
-                                locate_config.understanding, processor=generator.image_processor)
+        r = understanding_probe(_answerer(experiment_config, locate_config, generator),
+                                experiment_config.prompts.occupation_list(), locate_config.understanding)
+        r["model"] = locate_config.understanding.model or model
         r["alignment"] = (alignment_table(r, audit_metrics, experiment_config.prompts.template)
                           if audit_metrics else None)
         results["understanding"] = r

@@ -22,6 +22,10 @@ Components (what "language side" and "vision side" mean) come from the backend (
   (``model.generation_embeddings``, ``model.generation_aligner``, ``model.generation_head``, and ``lm_head``);
   vision = ``model.vqmodel`` (the VQ tokenizer/decoder that turns tokens into pixels). The understanding tower
   (``model.vision_model``, ``model.aligner``) plays no part in generation and stays at base.
+* Emu3: language = ``model.text_model`` and ``lm_head``: its image tokens are vocabulary entries, so their input
+  embeddings and output rows swap with the language side (they cannot be swapped apart from the text model, as
+  Janus' generation head can); vision = ``model.vqmodel`` (the VQ decoder that turns tokens into pixels, and the
+  encoder its understanding path reads images with).
 * Diffusers: language = the text encoder(s); vision = the UNet (or transformer). The VAE stays at base.
 
 Parameters that differ between base and tuned outside both components are listed as ``unassigned_differences``;

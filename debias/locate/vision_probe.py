@@ -13,6 +13,9 @@ Encoders come from the generator's backend (its ``image_encoders`` capability, :
   patches; ``aligned``: the same after the understanding aligner (what the language model reads);
   ``vq``: the generation tokenizer's encoder (``model.model.vqmodel.encoder`` + ``quant_conv``, pre-quantisation
   latents) pooled over the latent grid.
+* Emu3 - ``vq``: its VQ encoder (``model.model.vqmodel.encode``, latents before quantisation, 4 channels per grid
+  cell: ``flatten`` keeps far more than ``mean``); ``embedded``: the language model's input embeddings of the VQ
+  tokens (what its language model reads of an image), pooled over tokens.
 * Diffusers pipelines - ``vae``: the VAE encoder's latent mean, pooled.
 
 Pooling: ``mean`` over tokens / grid cells (default) or ``flatten`` (keeps the spatial layout; larger).
@@ -52,8 +55,8 @@ class VisionProbeConfig:
     max_per_class: int = option(0, help="use at most this many images per class (0: all)")
     balance: bool = option(True, help="subsample every class to the smallest class count")
     encoders: list[str] = option(default_factory=list,
-                                 help="encoders to probe (Janus: vision, aligned, vq; diffusers: vae); default: all "
-                                      "the model has")
+                                 help="encoders to probe (Janus: vision, aligned, vq; Emu3: vq, embedded; diffusers: "
+                                      "vae); default: all the model has")
     pool: Literal["mean", "flatten"] = option("mean", help="how token / grid embeddings become one vector")
     folds: int = option(5, help="stratified cross-validation folds (capped by the smallest class)")
     C: float = option(1.0, help="inverse L2 regularisation strength of the logistic regression")

@@ -1,4 +1,5 @@
-"""Fine-tuning Janus-family generators to remove demographic bias: SFT, BPO and a group-frequency objective on TRL.
+"""Fine-tuning image-token generators (Janus, Emu3) to remove demographic bias: SFT, BPO and a group-frequency
+objective on TRL.
 
 Public entry points (imported lazily, so ``import debias.train`` stays light):
 

@@ -1,4 +1,4 @@
-"""Stage 2: balanced preference optimisation on Janus image tokens (``trl.DPOTrainer`` subclass).
+"""Stage 2: balanced preference optimisation on image tokens (``trl.DPOTrainer`` subclass), any image-token family.
 
 Hooks into TRL 1.16 (pinned in pyproject: these are private methods):
 
@@ -6,7 +6,7 @@ Hooks into TRL 1.16 (pinned in pyproject: these are private methods):
   tokenising ``prompt/chosen/rejected`` text.
 * ``_set_signature_columns_if_needed``: keeps the pair columns through ``remove_unused_columns``.
 * the collator is :class:`debias.train.data.PairCollator` (pair ``b`` at rows ``b`` and ``B + b``, TRL's layout).
-* ``_compute_loss``: mean per-token log-probs of both images through the generation head, then
+* ``_compute_loss``: mean per-token log-probs of both images as the generator's layout scores them, then
   :func:`debias.losses.balanced_preference_loss` (no reference), or for comparison :func:`debias.losses.dpo_loss` /
   :func:`debias.losses.ipo_loss` against the reference TRL keeps (the frozen ``ref`` copy of a continued adapter, or
   the model with the adapter disabled).
@@ -33,16 +33,15 @@ from debias.train.sft import ImageTokenTrainerMixin
 LOSSES = ("bpo", "dpo", "ipo")
 
 
-class JanusBPOTrainer(ImageTokenTrainerMixin, DPOTrainer):
-    """``trl.DPOTrainer`` on pairs of Janus images of different groups for the same neutral prompt.
+class ImageTokenBPOTrainer(ImageTokenTrainerMixin, DPOTrainer):
+    """``trl.DPOTrainer`` on pairs of generated images of different groups for the same neutral prompt.
 
     Args:
-        model: ``JanusForConditionalGeneration`` or a ``PeftModel`` around one (continuing the stage-1 adapter).
+        model: the generator's model or a ``PeftModel`` around one (continuing the stage-1 adapter).
         args: ``trl.DPOConfig`` (``beta`` is the loss's beta).
         train_dataset: explicit pairs from :func:`debias.train.data.bpo_pairs`.
-        processing_class: the Janus tokenizer.
-        ids: :class:`generators.janus_sequence.SpecialIds`.
-        template: the generator's prompt template.
+        processing_class: the generator's tokenizer.
+        layout: the generator's :class:`generators.sequence.ImageTokenLayout`.
         loss: ``bpo`` (balanced preference), ``dpo`` or ``ipo``.
         prefer_first: dpo/ipo only: image ``i`` of each pair is the preferred one (pairs ordered by a group
             preference); otherwise the image the reference finds *less* likely is preferred, which raises the
@@ -52,15 +51,15 @@ class JanusBPOTrainer(ImageTokenTrainerMixin, DPOTrainer):
         callbacks: extra ``TrainerCallback`` objects.
     """
 
-    def __init__(self, model, args, train_dataset, processing_class, ids, template: str = "{prompt}",
-                 loss: str = "bpo", prefer_first: bool = False, peft_config=None, callbacks=None, **kwargs: Any):
+    def __init__(self, model, args, train_dataset, processing_class, layout, loss: str = "bpo",
+                 prefer_first: bool = False, peft_config=None, callbacks=None, **kwargs: Any):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.preference_loss = loss
         self.prefer_first = prefer_first
-        self._setup_image_tokens(model, processing_class, ids, template)
+        self._setup_image_tokens(model, layout)
         super().__init__(
-            model=model, args=args, data_collator=PairCollator(ids.pad), train_dataset=train_dataset,
+            model=model, args=args, data_collator=PairCollator(layout.pad_id), train_dataset=train_dataset,
             processing_class=processing_class, peft_config=peft_config, callbacks=callbacks, **kwargs,
         )
         peft_model = self.accelerator.unwrap_model(self.model)
@@ -68,7 +67,7 @@ class JanusBPOTrainer(ImageTokenTrainerMixin, DPOTrainer):
             peft_model.delete_adapter("ref")
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return self._add_prompt_ids(dataset, processing_class)
+        return self._add_prompt_ids(dataset)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

@@ -27,9 +27,7 @@ class GroupShareCallback(TrainerCallback):
         classify: ``classify(images) -> (N,) indices or (N, K) probabilities`` (see
             :func:`debias.train.common.classify_tokens`).
         classes: class names, in the classifier's order.
-        ids, settings, template: the generator's special ids, :class:`generators.janus.JanusSettings` and prompt
-            template.
-        tokenizer: the Janus tokenizer.
+        layout, settings: the generator's :class:`generators.sequence.ImageTokenLayout` and sampling settings.
         every_steps: check interval in optimiser steps.
         images_per_prompt: images per prompt per check.
         attribute: name used in the logged keys.
@@ -37,11 +35,11 @@ class GroupShareCallback(TrainerCallback):
         seed_offset: first sampling seed.
     """
 
-    def __init__(self, prompts: Sequence[str], classify: Classify, classes: Sequence[str], ids, settings, tokenizer,
-                 template: str = "{prompt}", every_steps: int = 50, images_per_prompt: int = 8,
-                 attribute: str = "group", history_path: str | Path | None = None, seed_offset: int = 2_000_000):
+    def __init__(self, prompts: Sequence[str], classify: Classify, classes: Sequence[str], layout, settings,
+                 every_steps: int = 50, images_per_prompt: int = 8, attribute: str = "group",
+                 history_path: str | Path | None = None, seed_offset: int = 2_000_000):
         self.prompts, self.classify, self.classes = list(prompts), classify, list(classes)
-        self.ids, self.settings, self.tokenizer, self.template = ids, settings, tokenizer, template
+        self.layout, self.settings = layout, settings
         self.every_steps, self.images_per_prompt, self.attribute = every_steps, images_per_prompt, attribute
         self.history_path = Path(history_path) if history_path else None
         self.seed_offset = seed_offset
@@ -49,7 +47,7 @@ class GroupShareCallback(TrainerCallback):
         self.history: list[dict] = []
 
     def attach(self, trainer) -> "GroupShareCallback":
-        """Register with ``trainer`` (one of the Janus trainers, which merge queued metrics into their logs)."""
+        """Register with ``trainer`` (one of the image-token trainers, which merge queued metrics into their logs)."""
         self.trainer = trainer
         trainer.add_callback(self)
         return self
@@ -57,7 +55,7 @@ class GroupShareCallback(TrainerCallback):
     @torch.no_grad()
     def measure(self, model) -> dict[str, float]:
         """Sample, classify and return ``{monitor/rd_<attribute>: ..., monitor/share_<class>: ...}``."""
-        from generators.janus_sequence import encode_prompts, sample_image_tokens, unwrap
+        from generators.sequence import unwrap
 
         device = unwrap(model).get_input_embeddings().weight.device
         was_training = model.training
@@ -66,11 +64,10 @@ class GroupShareCallback(TrainerCallback):
             per_prompt = []
             for prompt in self.prompts:
                 n = self.images_per_prompt
-                input_ids, mask = encode_prompts(self.tokenizer, [prompt] * n, self.ids, self.template)
+                input_ids, mask = self.layout.encode([prompt] * n)
                 seeds = [self.seed_offset + s for s in range(n)]
-                tokens = sample_image_tokens(model, input_ids.to(device), mask.to(device), seeds, self.settings,
-                                             self.ids)
-                per_prompt.append(classify_tokens(self.classify, tokens, model, len(self.classes)).mean(0))
+                tokens = self.layout.sample(model, input_ids.to(device), mask.to(device), seeds, self.settings)
+                per_prompt.append(classify_tokens(self.classify, tokens, self.layout, model, len(self.classes)).mean(0))
         finally:
             model.train(was_training)
         shares = torch.stack(per_prompt)  # (P, K)

@@ -1,4 +1,4 @@
-"""Pieces shared by the Janus trainers: the image-token forward, LoRA config, classification and adapter saving."""
+"""Pieces shared by the image-token trainers: the image-token forward, LoRA config, classification, adapter saving."""
 
 from __future__ import annotations
 
@@ -13,25 +13,25 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from generators.janus_sequence import image_token_logprobs, unwrap
 
 Classify = Callable[[Any], Any]
 
 
-def enable_image_token_forward(model, ids) -> None:
+def enable_image_token_forward(model, layout) -> None:
     """Let ``model(input_ids=, attention_mask=, image_tokens=)`` return ``(B, T)`` teacher-forced image-token log-probs.
 
     The Trainers call ``model(...)`` through whatever wraps it (PEFT, DDP, FSDP, DeepSpeed, autocast): routing the
     image path through the model's own ``forward`` keeps DDP's gradient synchronisation and sharded-parameter
     gathering working, which calling submodules directly from the trainer would bypass. The computation itself is
-    :func:`generators.janus_sequence.image_token_logprobs` (the project's one sequence convention). Calls without
-    ``image_tokens`` run the original forward unchanged. TRL patches ``forward`` the same way for its fused LM head.
+    the family's :meth:`generators.sequence.ImageTokenLayout.logprobs` (Janus: the generation embeddings and head;
+    Emu3: the stock causal-LM path, its image tokens being vocabulary entries). Calls without ``image_tokens`` run
+    the original forward unchanged. TRL patches ``forward`` the same way for its fused LM head.
 
     Args:
-        model: a ``JanusForConditionalGeneration`` (not the PEFT wrapper: PEFT calls through to it).
-        ids: :class:`generators.janus_sequence.SpecialIds`, needed for the CFG unconditional rows.
+        model: the generator's model (not the PEFT wrapper: PEFT calls through to it).
+        layout: the generator's :class:`generators.sequence.ImageTokenLayout` (its ``layout``).
     """
-    model._debias_image_ids = ids
+    model._debias_layout = layout
     if getattr(model, "_debias_image_forward", False):
         return
     original = model.forward
@@ -39,10 +39,8 @@ def enable_image_token_forward(model, ids) -> None:
     def forward(self, *args, image_tokens=None, guidance_scale: float = 1.0, temperature: float = 1.0, **kwargs):
         if image_tokens is None:
             return original(*args, **kwargs)
-        return image_token_logprobs(
-            self, kwargs["input_ids"], kwargs["attention_mask"], image_tokens, self._debias_image_ids,
-            guidance_scale, temperature,
-        )
+        return self._debias_layout.logprobs(self, kwargs["input_ids"], kwargs["attention_mask"], image_tokens,
+                                            guidance_scale, temperature)
 
     model.forward = types.MethodType(forward, model)
     model._debias_image_forward = True
@@ -75,10 +73,18 @@ def check_lora_targets(model, options) -> None:
     from generators.config import UserError
 
     pattern = re.compile(lora_target_regex(options.target_modules, options.scope))
-    if not any(pattern.fullmatch(name) for name, _ in model.named_modules()):
+    names = [name for name, _ in model.named_modules()]
+    if not any(pattern.fullmatch(name) for name in names):
+        # Where the target names do occur: the decoders whose layers hold them (Janus language_model, Emu3
+        # text_model), so the message names the scope to use.
+        anywhere = re.compile(lora_target_regex(options.target_modules, ""))
+        scopes = sorted({n.split(".layers.")[0].rsplit(".", 1)[-1] for n in names
+                         if anywhere.fullmatch(n) and ".layers." in n})
+        where = f"; they sit under {scopes}: set train.lora.scope to the model's decoder" if scopes else ""
         raise UserError(
             f"config keys 'train.lora.target_modules' / 'train.lora.scope': {options.target_modules} inside "
-            f"'{options.scope}' match no module of the model; use names like q_proj, v_proj under language_model"
+            f"'{options.scope}' match no module of the model{where}; use names like q_proj, v_proj under "
+            "language_model (Janus) or text_model (Emu3)"
         )
 
 
@@ -96,20 +102,17 @@ def as_probabilities(output, num_classes: int) -> torch.Tensor:
     return probs / probs.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
-def classify_tokens(classify: Classify, tokens: torch.Tensor, model, num_classes: int) -> torch.Tensor:
+def classify_tokens(classify: Classify, tokens: torch.Tensor, layout, model, num_classes: int) -> torch.Tensor:
     """Classify generated images given their tokens: ``(N, K)`` class probabilities.
 
-    ``classify`` receives PIL images decoded by the model's VQ decoder, or the ``(N, T)`` token tensor itself when it
-    has a true ``on_tokens`` attribute (see :func:`on_tokens`).
+    ``classify`` receives PIL images decoded by the model's VQ decoder (through the generator's ``layout``), or the
+    ``(N, T)`` token tensor itself when it has a true ``on_tokens`` attribute (see :func:`on_tokens`).
     """
     if getattr(classify, "on_tokens", False):
         out = classify(tokens.detach().cpu())
     else:
-        from generators.base import to_pil
-
         with torch.no_grad():
-            pixels = unwrap(model).decode_image_tokens(tokens)
-        out = classify(to_pil(pixels.float().cpu().numpy()))
+            out = classify(layout.decode(model, tokens))
     probs = as_probabilities(out, num_classes)
     if probs.shape[0] != tokens.shape[0]:
         raise ValueError(f"classifier returned {probs.shape[0]} results for {tokens.shape[0]} images")

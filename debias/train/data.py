@@ -24,7 +24,7 @@ import torch
 
 from debias.losses import pair_indices
 from generators.config import UserError
-from generators.janus_sequence import left_pad
+from generators.sequence import left_pad
 
 REQUIRED_COLUMNS = ("prompt", "explicit_prompt", "attribute", "group", "seed", "confidence", "image", "tokens")
 

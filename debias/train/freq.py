@@ -7,7 +7,7 @@ prompts, classifies them, and weights each image's mean token log-likelihood by 
 its classified group (minus the baseline 1), with a running, per-prompt estimate of the shares.
 
 TRL has no trainer for on-policy image-token sampling (GRPO / RLOO generate text through ``generate``), so this
-extends :class:`debias.train.sft.JanusSFTTrainer` (itself a ``trl.SFTTrainer``): the data set is the neutral
+extends :class:`debias.train.sft.ImageTokenSFTTrainer` (itself a ``trl.SFTTrainer``): the data set is the neutral
 prompts, and ``compute_loss`` samples, classifies and weights. Under several processes the per-prompt class counts
 are summed across processes every step, so every process holds the same estimate.
 """
@@ -20,8 +20,8 @@ import torch
 
 from debias.losses import frequency_weights, reweighted_likelihood_loss
 from debias.train.common import Classify, classify_tokens
-from debias.train.sft import JanusSFTTrainer
-from generators.janus_sequence import left_pad, prompt_ids, sample_image_tokens
+from debias.train.sft import ImageTokenSFTTrainer
+from generators.sequence import left_pad
 
 
 class GroupShareEstimator:
@@ -56,25 +56,26 @@ class GroupShareEstimator:
         self.counts = torch.where(touched, self.decay * self.counts, self.counts) + increments.to(self.counts)
 
 
-class JanusFreqTrainer(JanusSFTTrainer):
-    """On-policy reweighted-likelihood training of Janus towards target group shares.
+class ImageTokenFreqTrainer(ImageTokenSFTTrainer):
+    """On-policy reweighted-likelihood training of an image-token generator towards target group shares.
 
     Args:
-        model, args, processing_class, ids, template, peft_config, callbacks: as :class:`JanusSFTTrainer`.
+        model, args, processing_class, layout, peft_config, callbacks: as :class:`ImageTokenSFTTrainer`.
         train_dataset: rows ``prompt`` (neutral) and ``prompt_index`` (into ``prompts``), e.g. from
             :func:`prompt_dataset`.
         prompts: the distinct neutral prompts, indexed by ``prompt_index``.
         classify: ``classify(images) -> (N,) class indices or (N, K) probabilities`` (see
             :func:`debias.train.common.classify_tokens`).
         target: ``(K,)`` target shares.
-        settings: :class:`generators.janus.JanusSettings` to sample with; the log-likelihood uses the same guidance
+        settings: the generator's sampling settings (e.g. :class:`generators.janus.JanusSettings`); the
+            log-likelihood uses the same guidance
             scale and temperature (top-k / top-p truncation is not part of the scored distribution).
         clip, decay, prior, init_samples, baseline, seed_offset: see :class:`debias.train.config.FreqOptions`.
         class_names: names of the classes in the logged keys (``freq/share_<name>``).
     """
 
-    def __init__(self, model, args, train_dataset, processing_class, ids, prompts: Sequence[str], classify: Classify,
-                 target: Sequence[float], settings, template: str = "{prompt}", clip: float = 5.0,
+    def __init__(self, model, args, train_dataset, processing_class, layout, prompts: Sequence[str],
+                 classify: Classify, target: Sequence[float], settings, clip: float = 5.0,
                  decay: float = 0.9, prior: float = 0.5, init_samples: int = 16, baseline: bool = True,
                  seed_offset: int = 1_000_000, class_names: Sequence[str] | None = None, peft_config=None,
                  callbacks=None, **kwargs: Any):
@@ -88,7 +89,7 @@ class JanusFreqTrainer(JanusSFTTrainer):
         self.seed_offset = seed_offset
         self.estimator = GroupShareEstimator(len(self.prompts), len(self.target), decay, prior)
         self._calls: int | None = None
-        super().__init__(model, args, train_dataset, processing_class, ids, template, peft_config=peft_config,
+        super().__init__(model, args, train_dataset, processing_class, layout, peft_config=peft_config,
                          callbacks=callbacks, **kwargs)
 
     @torch.no_grad()
@@ -97,18 +98,13 @@ class JanusFreqTrainer(JanusSFTTrainer):
         was_training = policy.training
         policy.eval()  # no LoRA dropout while sampling: the samples come from the model being trained
         try:
-            return sample_image_tokens(policy, input_ids, attention_mask, seeds, self.settings, self.image_ids)
+            return self.layout.sample(policy, input_ids, attention_mask, seeds, self.settings)
         finally:
             policy.train(was_training)
 
     def _prompt_batch(self, indices: Sequence[int]):
-        rows = []
-        for i in indices:
-            p = self.prompts[i]
-            if p not in self._prompt_cache:
-                self._prompt_cache[p] = prompt_ids(self.processing_class, p, self.image_ids, self.prompt_template)
-            rows.append(self._prompt_cache[p])
-        ids, mask = left_pad(rows, self.image_ids.pad)
+        rows = [self._prompt_ids(self.prompts[i]) for i in indices]
+        ids, mask = left_pad(rows, self.layout.pad_id)
         return ids.to(self.accelerator.device), mask.to(self.accelerator.device)
 
     def _initial_estimate(self, model) -> None:
@@ -124,7 +120,7 @@ class JanusFreqTrainer(JanusSFTTrainer):
             input_ids, mask = self._prompt_batch(index.tolist())
             seeds = [self.seed_offset + 10**9 + p * self.init_samples + n for p, n in chunk]
             tokens = self._sample(model, input_ids, mask, seeds)
-            probs = classify_tokens(self.classify, tokens, self.accelerator.unwrap_model(model), k)
+            probs = classify_tokens(self.classify, tokens, self.layout, self.accelerator.unwrap_model(model), k)
             self.estimator.update(self.estimator.increments(index, probs))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -137,7 +133,8 @@ class JanusFreqTrainer(JanusSFTTrainer):
         first = self.seed_offset + (self._calls * world + rank) * b
         self._calls += 1
         tokens = self._sample(model, inputs["input_ids"], inputs["attention_mask"], list(range(first, first + b)))
-        probs = classify_tokens(self.classify, tokens, self.accelerator.unwrap_model(model), len(self.target))
+        probs = classify_tokens(self.classify, tokens, self.layout, self.accelerator.unwrap_model(model),
+                                len(self.target))
 
         # Weights from the estimate *before* this batch, so a sample's weight does not depend on its own label.
         shares = self.estimator.shares()

@@ -102,7 +102,7 @@ def plan_training(train: TrainConfig, generator_config: GeneratorConfig, out_dir
         UserError: naming the config key, the bad value and the fix.
     """
     from debias.train.data import check_tokens, columns, load_balanced_dataset, select_rows
-    from generators.janus_sequence import unwrap
+    from generators.sequence import unwrap
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -154,14 +154,13 @@ def plan_training(train: TrainConfig, generator_config: GeneratorConfig, out_dir
 
     if load_model:
         plan.generator = gen = _load_generator(generator_config)
-        janus = unwrap(gen.model)
         if table is not None:
-            check_tokens(columns(table, ["tokens"])["tokens"], janus.config.vision_config.num_image_tokens,
-                         janus.config.vq_config.num_embeddings, "train.dataset")
+            check_tokens(columns(table, ["tokens"])["tokens"], gen.num_image_tokens, gen.codebook_size,
+                         "train.dataset")
         if not init_adapter:
             from debias.train.common import check_lora_targets
 
-            check_lora_targets(janus, train.lora)
+            check_lora_targets(unwrap(gen.model), train.lora)
 
     plan.stages = _plan_stages(plan)
     return plan
@@ -262,26 +261,25 @@ def _build_trainer(plan: TrainPlan, stage: StagePlan, gen, model, peft_config):
     from debias.train.data import bpo_pairs, sft_examples
 
     train = plan.train
-    common = dict(processing_class=gen.tokenizer, ids=gen.ids, template=gen.settings.prompt_template,
-                  peft_config=peft_config)
+    common = dict(processing_class=gen.tokenizer, layout=gen.layout, peft_config=peft_config)
     if stage.name == "sft":
-        from debias.train.sft import JanusSFTTrainer
+        from debias.train.sft import ImageTokenSFTTrainer
 
         args = _training_args(SFTConfig, plan, stage)
-        return JanusSFTTrainer(model, args, sft_examples(plan.table, train.use_weights), **common)
+        return ImageTokenSFTTrainer(model, args, sft_examples(plan.table, train.use_weights), **common)
     if stage.name == "bpo":
-        from debias.train.bpo import JanusBPOTrainer
+        from debias.train.bpo import ImageTokenBPOTrainer
 
         args = _training_args(DPOConfig, plan, stage, beta=train.bpo.beta)
         pairs = bpo_pairs(plan.table, order=train.bpo.prefer or None)
-        return JanusBPOTrainer(model, args, pairs, loss=train.bpo.loss, prefer_first=bool(train.bpo.prefer),
-                              **common)
-    from debias.train.freq import JanusFreqTrainer, prompt_dataset
+        return ImageTokenBPOTrainer(model, args, pairs, loss=train.bpo.loss, prefer_first=bool(train.bpo.prefer),
+                                    **common)
+    from debias.train.freq import ImageTokenFreqTrainer, prompt_dataset
 
     f = train.freq
     args = _training_args(SFTConfig, plan, stage)
     rows = prompt_dataset(plan.freq_prompts, min_rows=train.batch_size * max(1, args.world_size))
-    return JanusFreqTrainer(
+    return ImageTokenFreqTrainer(
         model, args, rows, prompts=plan.freq_prompts, classify=plan.classify, target=plan.target,
         settings=gen.settings, clip=f.clip, decay=f.decay, prior=f.prior, init_samples=f.init_samples,
         baseline=f.baseline, seed_offset=f.seed_offset, class_names=plan.classes, **common,
@@ -324,9 +322,8 @@ def execute(plan: TrainPlan) -> Path:
 
             m = train.monitor
             GroupShareCallback(
-                plan.monitor_prompts, plan.classify, plan.classes, gen.ids, gen.settings, gen.tokenizer,
-                gen.settings.prompt_template, m.every_steps, m.images_per_prompt, m.attribute,
-                history_path=stage.folder / "monitor.json",
+                plan.monitor_prompts, plan.classify, plan.classes, gen.layout, gen.settings, m.every_steps,
+                m.images_per_prompt, m.attribute, history_path=stage.folder / "monitor.json",
             ).attach(trainer)
         result = trainer.train(resume_from_checkpoint=stage.resume_from)
 
@@ -370,8 +367,8 @@ def run_train(train_config: TrainConfig, generator_config: GeneratorConfig, out_
 
     Args:
         train_config: the ``train:`` section.
-        generator_config: the ``generator:`` section (a Janus-family backend; its ``sampling`` settings are used for
-            on-policy sampling and the monitor; ``device: cpu`` trains on the CPU).
+        generator_config: the ``generator:`` section (an image-token backend, e.g. janus or emu3; its ``sampling``
+            settings are used for on-policy sampling and the monitor; ``device: cpu`` trains on the CPU).
         out_dir: run folder (layout in this module's docstring).
         classify: ``classify(images: list[PIL.Image]) -> (N,) class indices or (N, K) probabilities``, needed by
             ``freq`` and ``train.monitor``; a callable with ``on_tokens = True`` receives ``(N, T)`` image tokens.

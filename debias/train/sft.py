@@ -1,13 +1,16 @@
-"""Stage 1: supervised fine-tuning of Janus on image tokens given the NEUTRAL prompt (``trl.SFTTrainer`` subclass).
+"""Stage 1: supervised fine-tuning on image tokens given the NEUTRAL prompt (``trl.SFTTrainer`` subclass).
+
+Any image-token generator trains here through its family's layout (the generator's ``layout``,
+:class:`generators.sequence.ImageTokenLayout`): Janus and Emu3 alike.
 
 Hooks into TRL 1.16 (pinned in pyproject: these are private methods):
 
-* ``_prepare_dataset``: instead of tokenising a text column, adds ``prompt_ids`` (``[bos] + prompt + [boi]``, the
-  layout of :mod:`generators.janus_sequence`) to data sets of ``prompt`` + ``tokens`` rows.
+* ``_prepare_dataset``: instead of tokenising a text column, adds ``prompt_ids`` (the layout's prompt row, e.g.
+  Janus' ``[bos] + prompt + [boi]``) to data sets of ``prompt`` + ``tokens`` rows.
 * ``_set_signature_columns_if_needed``: keeps the image-token columns through ``remove_unused_columns``.
-* ``compute_loss``: mean negative log-likelihood of the image tokens, scored by the generation head (not the text
-  ``lm_head`` TRL's fused path would use), through the model's forward (see
-  :func:`debias.train.common.enable_image_token_forward`).
+* ``compute_loss``: mean negative log-likelihood of the image tokens, scored as the layout scores them (Janus: its
+  generation head, not the text ``lm_head`` TRL's fused path would use; Emu3: ``lm_head``'s visual-token rows),
+  through the model's forward (see :func:`debias.train.common.enable_image_token_forward`).
 * ``log``: adds metrics queued by callbacks (``queue_log``) to the next log line.
 
 Everything else (PEFT wrapping, accelerate / DDP / DeepSpeed / FSDP preparation, mixed precision, gradient
@@ -23,29 +26,29 @@ from trl import SFTTrainer
 
 from debias.train.common import enable_image_token_forward
 from debias.train.data import ImageTokenCollator
-from generators.janus_sequence import prompt_ids, unwrap
+from generators.sequence import unwrap
 
 
 class ImageTokenTrainerMixin:
-    """Prompt tokenisation, log queueing and loss-only evaluation shared by the Janus trainers (mixed in before the
-    TRL class)."""
+    """Prompt tokenisation, log queueing and loss-only evaluation shared by the image-token trainers (mixed in before
+    the TRL class)."""
 
-    def _setup_image_tokens(self, model, tokenizer, ids, template: str) -> None:
-        self.image_ids = ids
-        self.prompt_template = template
+    def _setup_image_tokens(self, model, layout) -> None:
+        self.layout = layout
         self._prompt_cache: dict[str, list[int]] = {}
         self._queued_logs: dict[str, float] = {}
-        enable_image_token_forward(unwrap(model), ids)
+        enable_image_token_forward(unwrap(model), layout)
 
-    def _add_prompt_ids(self, dataset, tokenizer):
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        if prompt not in self._prompt_cache:
+            self._prompt_cache[prompt] = self.layout.prompt_ids(prompt)
+        return self._prompt_cache[prompt]
+
+    def _add_prompt_ids(self, dataset):
         if "prompt_ids" in dataset.column_names:  # already prepared (e.g. passed again to evaluate)
             return dataset
 
-        column = []
-        for prompt in dataset["prompt"]:
-            if prompt not in self._prompt_cache:
-                self._prompt_cache[prompt] = prompt_ids(tokenizer, prompt, self.image_ids, self.prompt_template)
-            column.append(self._prompt_cache[prompt])
+        column = [self._prompt_ids(prompt) for prompt in dataset["prompt"]]
         # A new in-memory column rather than `map`: no function hashing, no cache files in the user's data folder.
         return dataset.add_column("prompt_ids", column)
 
@@ -78,33 +81,34 @@ class ImageTokenTrainerMixin:
         return loss.detach(), None, None
 
 
-class JanusSFTTrainer(ImageTokenTrainerMixin, SFTTrainer):
-    """``trl.SFTTrainer`` on Janus image tokens: ``-mean log p(image tokens | neutral prompt)``.
+class ImageTokenSFTTrainer(ImageTokenTrainerMixin, SFTTrainer):
+    """``trl.SFTTrainer`` on image tokens: ``-mean log p(image tokens | neutral prompt)``.
 
     Rows with a ``weight`` column contribute ``weight * mean token log-likelihood`` (data reweighting).
 
     Args:
-        model: ``JanusForConditionalGeneration``, or a ``PeftModel`` around one (continuing an adapter).
+        model: the generator's model (e.g. ``JanusForConditionalGeneration``, ``Emu3ForConditionalGeneration``), or
+            a ``PeftModel`` around one (continuing an adapter).
         args: ``trl.SFTConfig``.
         train_dataset: rows with ``prompt`` and ``tokens`` (e.g. :func:`debias.train.data.sft_examples`); no
             ``image`` column.
-        processing_class: the Janus tokenizer (always passed: TRL would otherwise fetch one from the hub).
-        ids: :class:`generators.janus_sequence.SpecialIds`.
-        template: prompt template of the generator (``{prompt}``), as used when sampling.
+        processing_class: the generator's tokenizer (always passed: TRL would otherwise fetch one from the hub).
+        layout: the generator's :class:`generators.sequence.ImageTokenLayout` (prompt template included, as used
+            when sampling).
         peft_config: ``peft.LoraConfig`` for a new adapter; ``None`` when ``model`` is already a ``PeftModel``.
         callbacks: extra ``TrainerCallback`` objects.
     """
 
-    def __init__(self, model, args, train_dataset, processing_class, ids, template: str = "{prompt}",
-                 peft_config=None, callbacks=None, **kwargs: Any):
-        self._setup_image_tokens(model, processing_class, ids, template)
+    def __init__(self, model, args, train_dataset, processing_class, layout, peft_config=None, callbacks=None,
+                 **kwargs: Any):
+        self._setup_image_tokens(model, layout)
         super().__init__(
-            model=model, args=args, data_collator=ImageTokenCollator(ids.pad), train_dataset=train_dataset,
+            model=model, args=args, data_collator=ImageTokenCollator(layout.pad_id), train_dataset=train_dataset,
             processing_class=processing_class, peft_config=peft_config, callbacks=callbacks, **kwargs,
         )
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        return self._add_prompt_ids(dataset, processing_class)
+        return self._add_prompt_ids(dataset)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
