@@ -32,7 +32,7 @@ def distributed_state():
 
 
 def run_settings(generator: Generator | None, counts: dict[str, int], seeds: Sequence[int],
-                 source: str | None = None) -> dict[str, Any]:
+                 source: str | None = None, classifier=None, detector=None) -> dict[str, Any]:
     """The resolved settings of a run, recorded once in ``run.json`` and copied into ``metrics.json``.
 
     Args:
@@ -41,19 +41,35 @@ def run_settings(generator: Generator | None, counts: dict[str, int], seeds: Seq
         counts: Prompt -> images requested (sampled) or found (imported), in prompt order.
         seeds: The seeds of the run.
         source: For imported images, the folder they came from.
+        classifier: The audit's classifier (:class:`audit.classify.ClipClassifier`), if it has one yet.
+        detector: The audit's face detector (:func:`audit.faces.load_detector`), if it has one yet.
 
     Returns:
         ``generator`` (identity), ``sampling`` (resolved backend settings), ``guidance_scale``, ``n_prompts``,
         ``images_per_prompt`` (the common count, or None when prompts differ: see ``images_by_prompt``),
-        ``images_by_prompt`` and ``seeds``.
+        ``images_by_prompt``, ``seeds``, and ``models``: per model used (``generator``, ``adapter``,
+        ``classifier``, ``face_detector``) the resolved revision (hub snapshot commit, or content hash of a local
+        folder or in-process weights), dtype, device and variant (:func:`generators.base.model_provenance`).
     """
-    identity = generator.identity() if generator is not None else {"backend": "external", "source": source}
+    from generators.base import directory_hash
+
+    if generator is not None:
+        identity, models = generator.identity(), generator.provenance()
+    else:
+        identity = {"backend": "external", "source": source}
+        models = {"generator": {"model": "external images", "source": "local", "requested_revision": None,
+                                "revision": directory_hash(source) if source else None, "dtype": None,
+                                "device": None, "variant": None}}
+    if classifier is not None:
+        models["classifier"] = classifier.provenance()
+    if detector is not None:
+        models["face_detector"] = detector.provenance()
     sampling = identity.get("settings") or {}
     per_prompt = set(counts.values())
     return {
         "generator": identity, "sampling": sampling, "guidance_scale": sampling.get("guidance_scale"),
         "n_prompts": len(counts), "images_per_prompt": per_prompt.pop() if len(per_prompt) == 1 else None,
-        "images_by_prompt": dict(counts), "seeds": sorted({int(s) for s in seeds}),
+        "images_by_prompt": dict(counts), "seeds": sorted({int(s) for s in seeds}), "models": models,
     }
 
 

@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "generator.sampling.guidance_scale=2 (repeatable)") -> None:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
 
-    def experiment(p: argparse.ArgumentParser, help: str = "experiment YAML (see configs/experiments/)",
+    def experiment(p: argparse.ArgumentParser, help: str = "experiment YAML, or a name in configs/experiments/ "
+                                                           "(e.g. lab, smoke-janus)",
                    set_help: str | None = None) -> None:
         p.add_argument("--config", required=True, help=help)
         sets(p, *([set_help] if set_help else []))

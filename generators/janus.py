@@ -24,10 +24,12 @@ from generators.base import (
     GeneratorConfig,
     base_identity,
     check_prompts_and_seeds,
+    generator_provenance,
     images_to_tensor,
     parse_settings,
     pool_embeddings,
     resolve_device,
+    resolve_dtype,
     to_pil,
     torch_dtype,
 )
@@ -106,8 +108,11 @@ class JanusGenerator:
         self.config = config
         self.settings: JanusSettings = parse_settings(JanusSettings, config)
         self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        # Weights with no folder or hub snapshot to name them (built in-process, handed in) are fingerprinted.
+        self._in_process = model is not None or config.model == "tiny"
         if model is None:
-            model, tokenizer = self._load(config)
+            model, tokenizer = self._load(config, self.dtype)
         elif tokenizer is None:
             raise ConfigError("JanusGenerator: pass the tokenizer together with the model")
         if config.adapter:
@@ -135,17 +140,19 @@ class JanusGenerator:
             return None
 
     @staticmethod
-    def _load(config: GeneratorConfig):
+    def _load(config: GeneratorConfig, dtype: str):
         if config.model == "tiny":
             from generators.tiny import tiny_janus
 
-            return tiny_janus(seed=0)
+            model, tokenizer = tiny_janus(seed=0)
+            return model.to(torch_dtype(dtype)), tokenizer
         if not config.model:
             raise ConfigError("config key 'generator.model' is required: a hub id, a local directory or 'tiny'")
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
         kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
-        model = JanusForConditionalGeneration.from_pretrained(config.model, dtype=torch_dtype(config.dtype), **kwargs)
+        model = JanusForConditionalGeneration.from_pretrained(config.model, dtype=torch_dtype(dtype),
+                                                              variant=config.variant, **kwargs)
         return model, AutoTokenizer.from_pretrained(config.model, **kwargs)
 
     @property
@@ -251,4 +258,7 @@ class JanusGenerator:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def identity(self) -> dict:
-        return base_identity(self.config, self.settings)
+        return base_identity(self.config, self.settings, self.dtype)
+
+    def provenance(self) -> dict:
+        return generator_provenance(self, module=self.model if self._in_process else None)
