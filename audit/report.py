@@ -921,13 +921,13 @@ def build_context(run_dir: Path, metrics: Mapping[str, Any], predictions: Sequen
         "n_images": run.get("n_images", len(predictions)), "environment": env, "stages": meta.get("stages") or {},
         "config": meta.get("config") or {}, "metrics_info": METRICS,
         "classifier_rows": identity_rows(run.get("classifier")), "nav": sections, "extras": extras,
-        "models": _ordered_models(run.get("models") or {}), "nsfw": metrics.get("nsfw") or {},
+        "models": ordered_models(run.get("models") or {}), "nsfw": metrics.get("nsfw") or {},
         "alpha": next((a.get("alpha") for a in attributes.values() if a.get("alpha") is not None), 0.05),
         "first_attr": first,
     }
 
 
-def _ordered_models(models: Mapping[str, Any]) -> dict[str, Any]:
+def ordered_models(models: Mapping[str, Any]) -> dict[str, Any]:
     """The run's model records in reading order: generator, adapter, classifier, face detector, then any other."""
     order = ["generator", "adapter", "classifier", "face_detector"]
     return {k: models[k] for k in sorted(models, key=lambda k: (order.index(k) if k in order else len(order), k))}
@@ -1009,5 +1009,5 @@ __all__ = [
     "figure_data_uri", "image_data_uri", "thumbnail", "thumbnail_uri", "image_grid_html",
     "load_image", "prompt_labels", "shares_figure", "joint_heatmap_figure", "prompt_heatmap_figure", "fmt_num",
     "fmt_pct", "fmt_ci", "fmt_signed", "fmt_seeds", "md_escape", "md_code", "metric_direction", "slugify",
-    "joint_parts", "prediction_caption", "identity_rows", "PALETTE", "TEMPLATE_DIR",
+    "joint_parts", "prediction_caption", "identity_rows", "ordered_models", "PALETTE", "TEMPLATE_DIR",
 ]
