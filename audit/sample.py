@@ -1,7 +1,10 @@
 """Sampling into a run folder: the first stage of every audit, and what synth and the card sample with.
 
 Batches never mix prompts and follow :func:`seed_blocks`, so an image is computed in the same batch composition
-whatever the number of processes, the resume point or the seeds added later: its bytes do not change.
+whatever the number of processes, the resume point or the seeds added later: its bytes do not change. For a
+generator whose kernels round differently for other batch shapes (half precision, diffusion pipelines: anything
+without ``batch_invariant = True``), a block that is only partly requested is still computed whole, so a seed never
+shares a batch with fewer neighbours in one run than in another.
 """
 
 from __future__ import annotations
@@ -134,26 +137,34 @@ def sample_to_store(
 
     Prompts are sharded over processes (prompt i goes to process ``i % num_processes``); batches never mix prompts
     and follow :func:`seed_blocks`, so the images do not depend on how many processes ran or when a run resumed.
+    Unless the generator is ``batch_invariant``, every batch is a whole block (``batch_size`` consecutive seeds from
+    a multiple of it): only the requested images are stored, the rest is the price of images that do not change
+    when the run is extended later.
     """
     from tqdm.auto import tqdm
 
     identity = generator.identity()
     keys = [content_key(identity, p, s) for p in prompts for s in seeds]
+    size = generator.config.batch_size
+    whole = not getattr(generator, "batch_invariant", False)
     todo = []
     for i, prompt in enumerate(prompts):
         if i % num_processes != process_index:
             continue
-        for block in seed_blocks(seeds, generator.config.batch_size):
+        for block in seed_blocks(seeds, size):
             if not all(store.has(content_key(identity, prompt, s)) for s in block):
                 todo.append((prompt, block))
     bar = tqdm(total=sum(len(b) for _, b in todo), desc="sampling", unit="img", disable=not progress,
                dynamic_ncols=True)
     for prompt, block in todo:
+        start = block[0] // size * size
+        batch = list(range(start, start + size)) if whole else block
         t0 = time.perf_counter()
-        items = generator.generate([prompt] * len(block), block)
-        per_image = (time.perf_counter() - t0) / len(block)
+        items = generator.generate([prompt] * len(batch), batch)
+        per_image = (time.perf_counter() - t0) / len(batch)
+        wanted = set(block)
         for item in items:
-            if not store.has(content_key(identity, item.prompt, item.seed)):
+            if item.seed in wanted and not store.has(content_key(identity, item.prompt, item.seed)):
                 store.put(item, identity, seconds=round(per_image, 4))
         bar.update(len(block))
     bar.close()

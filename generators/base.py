@@ -101,6 +101,9 @@ class Generator(Protocol):
         settings: Its backend's sampling settings with every default applied (a dataclass).
         capabilities: The names of :data:`CAPABILITIES` it implements beyond ``generate``.
         device, dtype: The resolved torch device and dtype name (``auto`` resolved, see :func:`resolve_dtype`).
+
+    Optional: ``batch_invariant`` (default False): True when an image's bytes do not depend on the batch it is
+    drawn in; otherwise the run store computes whole seed blocks, so resumed and extended runs match.
     """
 
     config: GeneratorConfig

@@ -78,6 +78,7 @@ class DiffusersGenerator:
 
     Settings = DiffusersSettings
     capabilities = frozenset({COMPONENTS, IMAGE_ENCODERS})
+    batch_invariant = False  # batched denoising rounds differently per batch shape: the store computes whole blocks
     component_roles = {"language": "text encoder(s)",
                        "vision": "the denoiser (UNet or transformer) that turns text features into latents"}
     ENCODERS = {"vae": "the VAE encoder's latent mean"}
