@@ -62,7 +62,10 @@ def config_file(path: str | Path, kind: str, key: str) -> Path:
     """The YAML file a user named: a path (as given, or under the folder holding ``configs/``, see
     :func:`project_path`), or a bare name in ``configs/<kind>/`` (``--config lab``). A missing path is returned as
     is, for the reader to report."""
-    p = project_path(path)
-    if p.is_file() or p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
+    p = Path(path)
+    shipped = project_path(p)
+    if shipped.is_file():
+        return shipped
+    if p.suffix in (".yaml", ".yml") or len(p.parts) > 1:
         return p
     return named_config(kind, str(path), key)
