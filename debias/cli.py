@@ -66,7 +66,8 @@ EXAMPLES = {
         debias export runs/lab --out runs/lab-dataset --push-to-hub my-user/lab-audit
     """,
     "card": """
-        debias card --adapter runs/demo/train/bpo/adapter --before runs/demo/before --after runs/demo/after --compare runs/demo/compare --out runs/demo/model
+        debias card --adapter runs/demo/train/bpo/adapter --before runs/demo/before --after runs/demo/after --out M
+        debias card --adapter runs/t/bpo/adapter --before runs/b --after runs/a --compare runs/c --out runs/model
         debias card --adapter runs/t/bpo/adapter --before runs/b --after runs/a --out runs/model --push-to-hub me/fix
     """,
     "config": """

@@ -106,8 +106,8 @@ def write_model_card(adapter: str | Path, out: str | Path, before: str | Path, a
         tags=["debias-t2i", "fairness", "lora", "text-to-image"],
         eval_results=[EvalResult(task_type="text-to-image", dataset_type="debias-t2i-neutral-prompts",
                                  dataset_name=f"{b['run'].get('n_prompts')} neutral prompts (same seeds before/after)",
-                                 metric_type=f"{r['attribute']}_rd", metric_name=f"{r['attribute']} RD (lower is better)",
-                                 metric_value=round(r["after"], 4)) for r in rows] or None,
+                                 metric_type=f"{r['attribute']}_rd", metric_value=round(r["after"], 4),
+                                 metric_name=f"{r['attribute']} RD (lower is better)") for r in rows] or None,
         debias_audit={r["attribute"]: {k: r[k] for k in ("before", "before_ci", "after", "after_ci", "p_value")}
                       for r in rows},
     )

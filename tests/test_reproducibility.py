@@ -94,7 +94,8 @@ def test_local_model_folder_is_pinned_by_a_content_hash(tmp_path):
     # the report header and run block show what the model resolved to
     html = (tmp_path / "one" / "report.html").read_text()
     assert gen["revision"] in html.split("</header>")[0] and "Resolved revision" in html
-    assert f"**Model** `{folder}` @ `{gen['revision']}` (float32 on cpu)" in (tmp_path / "one" / "report.md").read_text()
+    md = (tmp_path / "one" / "report.md").read_text()
+    assert f"**Model** `{folder}` @ `{gen['revision']}` (float32 on cpu)" in md
 
     edited, _ = tiny_janus(seed=1)  # retrained weights, same folder
     edited.save_pretrained(folder)

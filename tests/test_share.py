@@ -143,6 +143,10 @@ def test_cli_export_and_card_write_the_folder_then_report_a_failed_push(fixed, t
     root, adapter, _, _ = fixed
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "debias.cli"]
+    res = subprocess.run([*cmd, "export", str(root / "after"), "--out", str(tmp_path / "plain")],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stderr == "", res.stderr[-2000:]
+    assert (tmp_path / "plain" / "data" / "train-00000-of-00001.parquet").is_file()
     res = subprocess.run([*cmd, "export", str(root / "after"), "--out", str(tmp_path / "ds"), "--push-to-hub",
                           "someone/audit"], capture_output=True, text=True, env=env)
     assert res.returncode == 2 and (tmp_path / "ds" / "README.md").is_file()

@@ -182,6 +182,18 @@ def test_bf16_killed_resumed_and_extended_runs_equal_an_uninterrupted_one(tmp_pa
     assert snapshot(tmp_path / "run") == reference
 
 
+def test_diffusers_extended_run_equals_an_uninterrupted_one(tmp_path):
+    sd = {"backend": "diffusers", "model": "tiny", "device": "cpu", "batch_size": 4,
+          "sampling": {"num_inference_steps": 2, "height": 32, "width": 32}}
+    full = write_config(tmp_path / "full.yaml", generator=sd, images_per_prompt=7)
+    run_sample(load_config(full), tmp_path / "ref", progress=False)
+    run_sample(load_config(write_config(tmp_path / "five.yaml", generator=sd, images_per_prompt=5)),
+               tmp_path / "ext", progress=False)
+    run_sample(load_config(full), tmp_path / "ext", progress=False)
+    reference = snapshot(tmp_path / "ref")
+    assert len(reference) == 21 and snapshot(tmp_path / "ext") == reference
+
+
 @pytest.mark.slow
 def test_bf16_two_process_run_equals_one_process(tmp_path):
     cfg = bf16_config(tmp_path / "c.yaml", 6)
