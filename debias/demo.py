@@ -226,7 +226,7 @@ def locate_sentences(headlines: dict[str, Any]) -> list[str]:
             attr = key.removeprefix("controlled_hit_rate_").replace("_", " × ")
             lines.append(f"Controlled generation ({attr}): for {value:.0%} of the neutral prompts with a clear "
                          f"{attr} majority, the image tokens are closest to those of the explicit prompt for that "
-                         "majority group: the skew is already decided where the prompt is read.")
+                         "majority group: evidence that the skew sits in how the language model reads the prompt.")
         elif key.startswith("understanding_unknown_rate_"):
             attr = key.removeprefix("understanding_unknown_rate_")
             eff = headlines.get(f"understanding_rd_effective_{attr}")
@@ -236,7 +236,7 @@ def locate_sentences(headlines: dict[str, Any]) -> list[str]:
         elif key.startswith("vision_probe_accuracy_"):
             encoder, _, attr = key.removeprefix("vision_probe_accuracy_").partition("_")
             lines.append(f"Vision encoder “{encoder}”: a linear probe reads {attr} from its features with accuracy "
-                         f"{value:.2f}; the vision side can represent the groups, so it is not what erases them.")
+                         f"{value:.2f}: the vision side tells the groups apart.")
         elif key.startswith("swap_language_share_"):
             attr = key.removeprefix("swap_language_share_").replace("_", " × ")
             lines.append(f"Component swap ({attr}): the fine-tuned language model carries {value:.0%} of the fix's "
@@ -260,7 +260,7 @@ def recovery_figure(rows: list[dict]):
     ax.set_xlim(0, 1)
     ax.set_xlabel("female share")
     ax.axvline(0.5, color="#9ca3af", lw=0.8, ls="--")
-    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
