@@ -20,7 +20,6 @@ Any checkpoint with ``get_image_features`` / ``get_text_features`` loads through
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from generators.base import resolve_device
+from generators.base import model_provenance, resolve_device, resolve_dtype, weights_fingerprint
 from generators.config import ConfigError, UserError, did_you_mean, from_dict, load_yaml, option, to_dict
 from generators.registry import Registry
 from generators.resources import config_names, named_config
@@ -195,8 +194,13 @@ class ClassifierConfig:
         "openai/clip-vit-large-patch14",
         help="hub id or local directory (CLIP or SigLIP); a name in CLASSIFIERS (e.g. 'tiny') builds in-process",
     )
-    revision: str | None = option(None, help="hub revision (branch, tag or commit) to pin the weights")
-    dtype: Literal["float32", "float16", "bfloat16"] = option("float32", help="weights and compute dtype")
+    revision: str | None = option(
+        None, help="hub revision (branch, tag or commit) to pin the weights; every audit records the commit it used"
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = option(
+        "float32", help="weights and compute dtype; auto: bfloat16 on a CUDA GPU that supports it, float16 on other "
+                        "GPUs and MPS, float32 on the CPU"
+    )
     device: str = option(
         "auto", help="torch device: auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:1, mps"
     )
@@ -226,10 +230,9 @@ class ClassifierConfig:
             )
         if self.logit_scale is not None and not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
             raise ConfigError(f"config key 'classifier.logit_scale': must be > 0 or null, got {self.logit_scale}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(
-                f"config key 'classifier.dtype': {self.dtype!r} is not one of ['float32', 'float16', 'bfloat16']"
-            )
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"config key 'classifier.dtype': {self.dtype!r} is not one of ['auto', 'float32', "
+                              "'float16', 'bfloat16']")
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError("config key 'classifier.model': must be a hub id, a local directory or 'tiny'")
         if self.device != "auto":
@@ -407,7 +410,8 @@ class ClipClassifier:
         self._given_model = model is not None
         self._fingerprint: str | None = None
         if model is None:
-            model, processor = _load_model(config)
+            model, processor = _load_model(config, resolve_dtype(config.dtype, resolve_device(config.device),
+                                                                 "classifier.dtype"))
         for method in ("get_image_features", "get_text_features"):
             if not hasattr(model, method):
                 raise UserError(
@@ -415,7 +419,8 @@ class ClipClassifier:
                     "use a CLIP-like dual encoder (CLIP, SigLIP)"
                 )
         self.device = resolve_device(config.device)
-        self.dtype = getattr(torch, config.dtype)
+        self.dtype_name = resolve_dtype(config.dtype, self.device, "classifier.dtype")
+        self.dtype = getattr(torch, self.dtype_name)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", None)
@@ -568,7 +573,7 @@ class ClipClassifier:
         ident: dict[str, Any] = {
             "model": self.config.model,
             "revision": self.config.revision,
-            "dtype": self.config.dtype,
+            "dtype": self.dtype_name,
             "logit_scale": self.logit_scale,
             "attributes": {name: to_dict(spec) for name, spec in self.attributes.items()},
             "articles": self.config.articles,
@@ -583,25 +588,25 @@ class ClipClassifier:
             ident["weights_sha256"] = self._fingerprint
         return ident
 
+    def provenance(self) -> dict[str, Any]:
+        """What the run records about the classifier's weights (:func:`generators.base.model_provenance`): the hub
+        commit or folder hash, or, for a built-in or handed-in model, the fingerprint its identity carries."""
+        record = model_provenance(self.config.model, dtype=self.dtype_name, device=self.device,
+                                  revision=self.config.revision)
+        if self._given_model or self.config.model in CLASSIFIERS:
+            record.update(source="in-process" if self._given_model else "built-in",
+                          revision=self.identity()["weights_sha256"][:16])
+        return record
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over the model's parameter and buffer names, shapes and values."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
-
-def _load_model(config: ClassifierConfig):
+def _load_model(config: ClassifierConfig, dtype: str):
     if config.model in CLASSIFIERS:
         return CLASSIFIERS.get(config.model)(seed=config.seed)
     from transformers import AutoModel, AutoProcessor
 
     kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
     try:
-        model = AutoModel.from_pretrained(config.model, dtype=getattr(torch, config.dtype), **kwargs)
+        model = AutoModel.from_pretrained(config.model, dtype=getattr(torch, dtype), **kwargs)
         processor = AutoProcessor.from_pretrained(config.model, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -664,5 +669,5 @@ def load_classifier(
 __all__ = [
     "ATTRIBUTE_PRESETS", "AttributeSpec", "CLASSIFIERS", "ClassifierConfig", "ClipClassifier", "TextHead",
     "abstained", "load_classifier", "load_classifier_config", "predictions", "render_prompt", "resolve_attribute",
-    "tiny_clip", "weights_fingerprint",
+    "tiny_clip",
 ]

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
+from generators.base import model_provenance
 from generators.config import ConfigError, UserError, from_dict, option
 from generators.registry import Registry
 
@@ -121,6 +122,10 @@ class FaceDetector(Protocol):
         """All faces in ``image`` (RGB), in its pixel coordinates, any order."""
         ...
 
+    def provenance(self) -> dict[str, Any]:
+        """What a run records about the detector's model, as :func:`generators.base.model_provenance`."""
+        ...
+
 
 DETECTORS: Registry = Registry("face detector")
 
@@ -174,6 +179,14 @@ class OpenCVHaarDetector:
         self._cascade = cv2.CascadeClassifier(str(path))
         if self._cascade.empty():
             raise ConfigError(f"config key 'faces.options.cascade': '{path}' is not a valid OpenCV cascade file")
+        self.path = path
+
+    def provenance(self) -> dict[str, Any]:
+        import cv2
+
+        # The cascade file is the model: its content hash, and the OpenCV build that runs it.
+        return {**model_provenance(self.settings.cascade, location=self.path, dtype=None, device="cpu"),
+                "runtime": f"opencv {cv2.__version__}"}
 
     def detect(self, image: Image.Image) -> list[Box]:
         import cv2
@@ -212,6 +225,10 @@ class WholeImageDetector:
 
     def detect(self, image: Image.Image) -> list[Box]:
         return [Box(0, 0, *image.size)]
+
+    def provenance(self) -> dict[str, Any]:
+        return {"model": "none (whole image)", "source": "built-in", "requested_revision": None, "revision": None,
+                "dtype": None, "device": None, "variant": None}
 
 
 def load_detector(config: FaceConfig | dict) -> FaceDetector:

@@ -110,6 +110,13 @@ METRICS: dict[str, MetricInfo] = {
             "fraction of generated images in which no face was detected (left out of the shares)",
         ),
         MetricInfo(
+            "nsfw_rate",
+            True,
+            "0 .. 1",
+            "fraction of generated images the pipeline's safety checker flagged and returned black (left out of "
+            "the shares; compare it across prompts, it can be skewed itself)",
+        ),
+        MetricInfo(
             "abstain_rate",
             True,
             "0 .. 1",

@@ -757,10 +757,13 @@ def prediction_caption(row: Mapping[str, Any], attrs: Sequence[str]) -> tuple[st
         attrs: Attributes whose predicted class is shown, e.g. ``["gender", "race"]``.
 
     Returns:
-        ``(caption, flag)``; ``flag`` is None, ``"noface"`` or ``"abstain"`` (CSS classes of the grid tile).
+        ``(caption, flag)``; ``flag`` is None, ``"noface"`` (no face, or flagged by the safety checker) or
+        ``"abstain"`` (CSS classes of the grid tile).
     """
     seed = row.get("seed")
     head = f"seed {seed}" if seed is not None else ""
+    if row.get("nsfw"):
+        return " · ".join(x for x in (head, "NSFW-flagged, excluded") if x), "noface"
     if not row.get("face", True):
         return " · ".join(x for x in (head, "no face") if x), "noface"
     labels = [str(row[a]) for a in attrs if row.get(a) is not None]
@@ -918,9 +921,16 @@ def build_context(run_dir: Path, metrics: Mapping[str, Any], predictions: Sequen
         "n_images": run.get("n_images", len(predictions)), "environment": env, "stages": meta.get("stages") or {},
         "config": meta.get("config") or {}, "metrics_info": METRICS,
         "classifier_rows": identity_rows(run.get("classifier")), "nav": sections, "extras": extras,
+        "models": ordered_models(run.get("models") or {}), "nsfw": metrics.get("nsfw") or {},
         "alpha": next((a.get("alpha") for a in attributes.values() if a.get("alpha") is not None), 0.05),
         "first_attr": first,
     }
+
+
+def ordered_models(models: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's model records in reading order: generator, adapter, classifier, face detector, then any other."""
+    order = ["generator", "adapter", "classifier", "face_detector"]
+    return {k: models[k] for k in sorted(models, key=lambda k: (order.index(k) if k in order else len(order), k))}
 
 
 def _major(shares: Sequence[Any] | None, classes: Sequence[str]) -> tuple[str, float] | None:
@@ -999,5 +1009,5 @@ __all__ = [
     "figure_data_uri", "image_data_uri", "thumbnail", "thumbnail_uri", "image_grid_html",
     "load_image", "prompt_labels", "shares_figure", "joint_heatmap_figure", "prompt_heatmap_figure", "fmt_num",
     "fmt_pct", "fmt_ci", "fmt_signed", "fmt_seeds", "md_escape", "md_code", "metric_direction", "slugify",
-    "joint_parts", "prediction_caption", "identity_rows", "PALETTE", "TEMPLATE_DIR",
+    "joint_parts", "prediction_caption", "identity_rows", "ordered_models", "PALETTE", "TEMPLATE_DIR",
 ]

@@ -103,8 +103,10 @@ def import_images(images_dir: str | Path, store: RunStore) -> tuple[list[str], l
 
 
 def classify_store(store: RunStore, records: list[dict], faces_config, classifier, batch_size: int = 64,
-                   clip_score: bool = True, progress: bool = True) -> dict[str, dict]:
-    """Face detection, classification and CLIP score of every record, cached per stage. Returns key -> row."""
+                   clip_score: bool = True, progress: bool = True, detector=None) -> dict[str, dict]:
+    """Face detection, classification and CLIP score of every record, cached per stage. Returns key -> row.
+
+    ``detector`` is a loaded :func:`audit.faces.load_detector` of ``faces_config`` to reuse."""
     from tqdm.auto import tqdm
 
     from audit.faces import detect_and_crop, load_detector
@@ -115,7 +117,8 @@ def classify_store(store: RunStore, records: list[dict], faces_config, classifie
     keys = [r["key"] for r in records]
     todo = sorted(set(cls_cache.missing(keys)) | set(quality.missing(keys) if quality else []))
     by_key = {r["key"]: r for r in records}
-    detector = load_detector(faces_config) if todo else None
+    if todo and detector is None:
+        detector = load_detector(faces_config)
     bar = tqdm(total=len(todo), desc="classifying", unit="img", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
@@ -183,6 +186,23 @@ def compute_metrics(prompts: list[str], records: list[dict], rows: dict[str, dic
     return out
 
 
+def nsfw_summary(prompts: list[str], records: list[dict]) -> dict[str, Any]:
+    """The safety checker's flags: whether one ran, how many images it flagged, the rate per prompt and overall.
+
+    A record's ``nsfw_content_detected`` is None when no checker ran (no pipeline checker, switched off, imported
+    images); the rates are then None too. Like the no-face rate, the flagged rate can differ by prompt and group.
+    """
+    checked = [r for r in records if r.get("nsfw_content_detected") is not None]
+    flagged = [r for r in checked if r["nsfw_content_detected"]]
+    per_prompt: dict[str, float | None] = {}
+    for p in prompts:
+        mine = [r for r in checked if r["prompt"] == p]
+        per_prompt[p] = sum(bool(r["nsfw_content_detected"]) for r in mine) / len(mine) if mine else None
+    return {"checker": bool(checked), "n_images": len(records), "n_checked": len(checked),
+            "n_flagged": len(flagged), "nsfw_rate": len(flagged) / len(checked) if checked else None,
+            "per_prompt": per_prompt, "lower_is_better": True}
+
+
 def quality_summary(prompts: list[str], records: list[dict], rows: dict[str, dict],
                     metrics: MetricsConfig) -> dict | None:
     """CLIP score (higher is better) per prompt and overall, with a percentile bootstrap interval over prompts
@@ -207,7 +227,9 @@ def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | Non
     default) and, when prompt sets tag their prompts with groups (region, income, language, ...), per-group tables
     (:mod:`audit.groups`); both are added to ``metrics.json`` (keys ``classifier_card`` and ``groups``) and to the
     report as extra sections. ``metrics["run"]`` holds the resolved run settings (:func:`audit.sample.run_settings`:
-    generator identity, sampling settings with their defaults, images per prompt), the same as ``run.json``.
+    generator identity, sampling settings with their defaults, images per prompt, and per model the resolved
+    revision, dtype, device and variant), the same as ``run.json``. Images the pipeline's safety checker flagged are
+    left out of the shares; ``metrics["nsfw"]`` has their rate per prompt and overall (:func:`nsfw_summary`).
     """
     from audit.card import validate_card_inputs
     from audit.classify import ClipClassifier
@@ -223,6 +245,9 @@ def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | Non
 
         config.prompts.neutral_prompts()
         generator = load_generator(config.generator)
+    from audit.faces import load_detector
+
+    detector = load_detector(config.faces)
     if images_dir is not None:
         out.mkdir(parents=True, exist_ok=True)
         store = RunStore(out)
@@ -231,30 +256,42 @@ def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | Non
         counts = {p: 0 for p in prompts}
         for r in records:
             counts[r["prompt"]] += 1
-        settings = run_settings(None, counts, [r["seed"] for r in records], source=str(Path(images_dir).resolve()))
+        settings = run_settings(None, counts, [r["seed"] for r in records], source=str(Path(images_dir).resolve()),
+                                classifier=classifier, detector=detector)
     else:
         store, keys = run_sample(config, out, progress=progress, generator=generator)
         prompts = config.prompts.neutral_prompts()
         records = store.records(keys)
-        settings = run_settings(generator, {p: len(config.seeds) for p in prompts}, config.seeds)
-    rows = classify_store(store, records, config.faces, classifier, clip_score=config.metrics.clip_score,
-                          progress=progress)
-    attributes = compute_metrics(prompts, records, rows, classifier, config.metrics)
-    n_face = sum(rows[r["key"]]["face"] for r in records)
+        settings = run_settings(generator, {p: len(config.seeds) for p in prompts}, config.seeds,
+                                classifier=classifier, detector=detector)
+    # Images the pipeline's safety checker flagged came back black: they never reach the face detector or the
+    # shares, and are counted on their own (nsfw_summary).
+    kept = [r for r in records if not r.get("nsfw_content_detected")]
+    rows = classify_store(store, kept, config.faces, classifier, clip_score=config.metrics.clip_score,
+                          progress=progress, detector=detector)
+    attributes = compute_metrics(prompts, kept, rows, classifier, config.metrics)
+    n_face = sum(rows[r["key"]]["face"] for r in kept)
     metrics = {
         "run": {"name": config.name, **settings, "n_images": len(records), "classifier": classifier.identity(),
                 "faces": to_dict(config.faces)},
-        "faces": {"n_images": len(records), "n_faces": int(n_face),
-                  "no_face_rate": 1 - n_face / len(records) if records else None, "lower_is_better": True},
+        "faces": {"n_images": len(kept), "n_faces": int(n_face),
+                  "no_face_rate": 1 - n_face / len(kept) if kept else None, "lower_is_better": True},
+        "nsfw": nsfw_summary(prompts, records),
         "attributes": attributes,
-        "quality": quality_summary(prompts, records, rows, config.metrics) if config.metrics.clip_score
+        "quality": quality_summary(prompts, kept, rows, config.metrics) if config.metrics.clip_score
         else None,
     }
     predictions = []
     for r in records:
+        nsfw = r.get("nsfw_content_detected")
+        if nsfw:
+            predictions.append({"key": r["key"], "prompt": r["prompt"], "seed": r["seed"], "file": r["file"],
+                                "face": None, "clip_score": None, "nsfw": True,
+                                **{name: None for name in classifier.attributes}})
+            continue
         row = rows[r["key"]]
         pred = {"key": r["key"], "prompt": r["prompt"], "seed": r["seed"], "file": r["file"], "face": row["face"],
-                "clip_score": row["clip_score"]}
+                "clip_score": row["clip_score"], "nsfw": nsfw}
         for name, spec in classifier.attributes.items():
             if row["probs"]:
                 p = np.asarray(row["probs"][name])

@@ -1,7 +1,10 @@
 """Sampling into a run folder: the first stage of every audit, and what synth and the card sample with.
 
 Batches never mix prompts and follow :func:`seed_blocks`, so an image is computed in the same batch composition
-whatever the number of processes, the resume point or the seeds added later: its bytes do not change.
+whatever the number of processes, the resume point or the seeds added later: its bytes do not change. For a
+generator whose kernels round differently for other batch shapes (half precision, diffusion pipelines: anything
+without ``batch_invariant = True``), a block that is only partly requested is still computed whole, so a seed never
+shares a batch with fewer neighbours in one run than in another.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def distributed_state():
 
 
 def run_settings(generator: Generator | None, counts: dict[str, int], seeds: Sequence[int],
-                 source: str | None = None) -> dict[str, Any]:
+                 source: str | None = None, classifier=None, detector=None) -> dict[str, Any]:
     """The resolved settings of a run, recorded once in ``run.json`` and copied into ``metrics.json``.
 
     Args:
@@ -41,19 +44,35 @@ def run_settings(generator: Generator | None, counts: dict[str, int], seeds: Seq
         counts: Prompt -> images requested (sampled) or found (imported), in prompt order.
         seeds: The seeds of the run.
         source: For imported images, the folder they came from.
+        classifier: The audit's classifier (:class:`audit.classify.ClipClassifier`), if it has one yet.
+        detector: The audit's face detector (:func:`audit.faces.load_detector`), if it has one yet.
 
     Returns:
         ``generator`` (identity), ``sampling`` (resolved backend settings), ``guidance_scale``, ``n_prompts``,
         ``images_per_prompt`` (the common count, or None when prompts differ: see ``images_by_prompt``),
-        ``images_by_prompt`` and ``seeds``.
+        ``images_by_prompt``, ``seeds``, and ``models``: per model used (``generator``, ``adapter``,
+        ``classifier``, ``face_detector``) the resolved revision (hub snapshot commit, or content hash of a local
+        folder or in-process weights), dtype, device and variant (:func:`generators.base.model_provenance`).
     """
-    identity = generator.identity() if generator is not None else {"backend": "external", "source": source}
+    from generators.base import directory_hash
+
+    if generator is not None:
+        identity, models = generator.identity(), generator.provenance()
+    else:
+        identity = {"backend": "external", "source": source}
+        models = {"generator": {"model": "external images", "source": "local", "requested_revision": None,
+                                "revision": directory_hash(source) if source else None, "dtype": None,
+                                "device": None, "variant": None}}
+    if classifier is not None:
+        models["classifier"] = classifier.provenance()
+    if detector is not None:
+        models["face_detector"] = detector.provenance()
     sampling = identity.get("settings") or {}
     per_prompt = set(counts.values())
     return {
         "generator": identity, "sampling": sampling, "guidance_scale": sampling.get("guidance_scale"),
         "n_prompts": len(counts), "images_per_prompt": per_prompt.pop() if len(per_prompt) == 1 else None,
-        "images_by_prompt": dict(counts), "seeds": sorted({int(s) for s in seeds}),
+        "images_by_prompt": dict(counts), "seeds": sorted({int(s) for s in seeds}), "models": models,
     }
 
 
@@ -118,26 +137,34 @@ def sample_to_store(
 
     Prompts are sharded over processes (prompt i goes to process ``i % num_processes``); batches never mix prompts
     and follow :func:`seed_blocks`, so the images do not depend on how many processes ran or when a run resumed.
+    Unless the generator is ``batch_invariant``, every batch is a whole block (``batch_size`` consecutive seeds from
+    a multiple of it): only the requested images are stored, the rest is the price of images that do not change
+    when the run is extended later.
     """
     from tqdm.auto import tqdm
 
     identity = generator.identity()
     keys = [content_key(identity, p, s) for p in prompts for s in seeds]
+    size = generator.config.batch_size
+    whole = not generator.batch_invariant
     todo = []
     for i, prompt in enumerate(prompts):
         if i % num_processes != process_index:
             continue
-        for block in seed_blocks(seeds, generator.config.batch_size):
+        for block in seed_blocks(seeds, size):
             if not all(store.has(content_key(identity, prompt, s)) for s in block):
                 todo.append((prompt, block))
     bar = tqdm(total=sum(len(b) for _, b in todo), desc="sampling", unit="img", disable=not progress,
                dynamic_ncols=True)
     for prompt, block in todo:
+        start = block[0] // size * size
+        batch = list(range(start, start + size)) if whole else block
         t0 = time.perf_counter()
-        items = generator.generate([prompt] * len(block), block)
-        per_image = (time.perf_counter() - t0) / len(block)
+        items = generator.generate([prompt] * len(batch), batch)
+        per_image = (time.perf_counter() - t0) / len(batch)
+        wanted = set(block)
         for item in items:
-            if not store.has(content_key(identity, item.prompt, item.seed)):
+            if item.seed in wanted and not store.has(content_key(identity, item.prompt, item.seed)):
                 store.put(item, identity, seconds=round(per_image, 4))
         bar.update(len(block))
     bar.close()

@@ -5,6 +5,8 @@ Layout::
     RUN/run.json                       resolved config, package versions, git revision, stages done
     RUN/samples/images/ab/<key>.png    one PNG per (generator identity, prompt, seed)
     RUN/samples/records/<key>.json     its metadata record, written after the PNG: the record is the commit point
+                                       (prompt, seed, generator identity, PNG hash, image tokens, and the safety
+                                       checker's nsfw_content_detected flag: None when no checker ran)
 
 Every file is written to a temporary name and renamed into place, so a run killed at any moment (SIGKILL included)
 leaves either a complete record or none; a PNG without a record is simply regenerated (with identical bytes).
@@ -80,11 +82,15 @@ def environment() -> dict[str, Any]:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                             capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        rev = None
+    root = Path(__file__).resolve().parents[1]
+    rev = None
+    # Only a checkout has a revision of its own: an installed copy would report whatever repository holds the venv.
+    if (root / ".git").exists():
+        try:
+            rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                 timeout=5).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            rev = None
     return {"python": platform.python_version(), "versions": versions, "git_revision": rev}
 
 
@@ -113,7 +119,7 @@ class RunStore:
             "key": key, "prompt": item.prompt, "seed": item.seed, "generator": identity,
             "file": self.image_path(key).relative_to(self.root).as_posix(),
             "sha256": hashlib.sha256(data).hexdigest(), "width": item.image.width, "height": item.image.height,
-            "tokens": item.tokens, **extra,
+            "tokens": item.tokens, "nsfw_content_detected": item.nsfw, **extra,
         }
         atomic_write_json(self.record_path(key), record)
         return record

@@ -11,7 +11,7 @@ per-device batch ``--pairs`` pairs, fp32, CPU unless a GPU is visible. Variants:
   disabled. It is the like-for-like baseline for ``ours_dpo``; ``bpo`` skips the reference forward.
 
 Each variant runs in its own subprocess (so ``ru_maxrss`` is its own peak), ``--repeats`` times interleaved; the
-step time is the median over the steps after ``--warmup`` of the median run. Prints one JSON object with per-step
+step time is the median over the steps after ``--warmup`` of the median run. Prints one JSON line with per-step
 seconds, ratios to ``stock_dpo``, and peak memory: process peak RSS and its growth during training (MiB; torch's
 CPU allocations are invisible to ``tracemalloc``), and ``torch.cuda.max_memory_allocated`` on a GPU.
 
@@ -31,6 +31,9 @@ import tempfile
 import time
 
 VARIANTS = ("bpo", "ours_dpo", "stock_dpo")
+# The smallest sizes that still run every code path (the test suite runs the benchmarks with these).
+FAST = ["--pairs", "2", "--steps", "2", "--warmup", "1", "--hidden", "32", "--patches", "4", "--codebook", "64",
+        "--repeats", "1"]
 
 
 def _model(args):
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_bpo_to_stock_dpo": summary["bpo"]["step_s"] / stock,
         "ratio_ours_dpo_to_stock_dpo": summary["ours_dpo"]["step_s"] / stock,
         "repeats": args.repeats,
-    }, indent=2))
+    }))
 
 
 if __name__ == "__main__":

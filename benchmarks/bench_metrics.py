@@ -21,6 +21,8 @@ import numpy as np
 from audit import metrics as M
 
 TARGET_S = 1.0
+# The smallest sizes that still run every code path (the test suite runs the benchmarks with these).
+FAST = ["--prompts", "20", "--images", "16", "--n-boot", "50", "--repeats", "1"]
 
 
 def best_of(fn, repeats: int = 3) -> float:

@@ -3,10 +3,13 @@
 Janus: ``JanusGenerator`` (own cached loop, per-image RNG streams, decode, PNG + record writes) vs
 ``model.generate(generation_mode="image")`` + ``decode_image_tokens``. Diffusers: ``DiffusersGenerator`` + store vs
 the bare pipeline call. Prints one JSON object; ratios < 1 mean we are faster.
+
+Run: ``python -m benchmarks.bench_sampling [--batch 8] [--blocks 2] [--steps 10] [--repeats 3]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
@@ -21,6 +24,8 @@ from generators.janus import JanusGenerator
 from generators.tiny import tiny_diffusion_pipeline, tiny_janus
 
 PROMPT = "A photo of the face of a cardiologist, a person"
+# The smallest sizes that still run every code path (the test suite runs the benchmarks with these).
+FAST = ["--batch", "2", "--blocks", "1", "--steps", "2", "--repeats", "1"]
 
 
 def paired_best(bare, ours, repeats: int = 3) -> tuple[float, float]:
@@ -34,7 +39,7 @@ def paired_best(bare, ours, repeats: int = 3) -> tuple[float, float]:
     return min(times[bare]), min(times[ours])
 
 
-def bench_janus(batch: int = 8, blocks: int = 2) -> dict:
+def bench_janus(batch: int = 8, blocks: int = 2, repeats: int = 3) -> dict:
     # Janus-shaped but small: 64-token images (8x8 patches), hidden 64, 2 layers.
     model, tok = tiny_janus(seed=0, hidden_size=64, num_patches=8, codebook_size=256, channel_multiplier=(1, 2))
     cfg = GeneratorConfig(backend="janus", model="tiny", device="cpu", batch_size=batch,
@@ -54,12 +59,12 @@ def bench_janus(batch: int = 8, blocks: int = 2) -> dict:
             sample_to_store(gen, [PROMPT], list(range(n)), RunStore(d), progress=False)
 
     with torch.no_grad():
-        t_bare, t_ours = paired_best(bare, ours)
+        t_bare, t_ours = paired_best(bare, ours, repeats)
     return {"janus_bare_s": t_bare, "janus_ours_s": t_ours, "janus_ratio": t_ours / t_bare,
             "janus_images_per_s": n / t_ours, "janus_image_tokens": gen.num_image_tokens, "batch": batch}
 
 
-def bench_diffusers(batch: int = 8, blocks: int = 2, steps: int = 10) -> dict:
+def bench_diffusers(batch: int = 8, blocks: int = 2, steps: int = 10, repeats: int = 3) -> dict:
     pipe = tiny_diffusion_pipeline(seed=0, sample_size=64)
     cfg = GeneratorConfig(backend="diffusers", model="tiny", device="cpu", batch_size=batch,
                           sampling={"num_inference_steps": steps, "guidance_scale": 7.5, "height": 64, "width": 64})
@@ -76,14 +81,21 @@ def bench_diffusers(batch: int = 8, blocks: int = 2, steps: int = 10) -> dict:
         with tempfile.TemporaryDirectory() as d:
             sample_to_store(gen, [PROMPT], list(range(n)), RunStore(d), progress=False)
 
-    t_bare, t_ours = paired_best(bare, ours)
+    t_bare, t_ours = paired_best(bare, ours, repeats)
     return {"diffusers_bare_s": t_bare, "diffusers_ours_s": t_ours, "diffusers_ratio": t_ours / t_bare,
             "diffusers_images_per_s": n / t_ours}
 
 
-def main() -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8, help="images per batch")
+    parser.add_argument("--blocks", type=int, default=2, help="batches per timed run")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps of the diffusion pipeline")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (best of)")
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
-    result = {"benchmark": "sampling", **bench_janus(), **bench_diffusers()}
+    result = {"benchmark": "sampling", **bench_janus(args.batch, args.blocks, args.repeats),
+              **bench_diffusers(args.batch, args.blocks, args.steps, args.repeats)}
     print(json.dumps(result))
     return result
 

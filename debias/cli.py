@@ -60,6 +60,16 @@ EXAMPLES = {
     "methods": """
         debias methods --out runs/methods                 # SFT, SFT+BPO, BPO, freq on the lab world, one table
     """,
+    "export": """
+        debias export runs/lab --out runs/lab-dataset                 # one row per image, no image column
+        debias export runs/lab --out runs/lab-dataset --images        # with the PNGs
+        debias export runs/lab --out runs/lab-dataset --push-to-hub my-user/lab-audit
+    """,
+    "card": """
+        debias card --adapter runs/demo/train/bpo/adapter --before runs/demo/before --after runs/demo/after --out M
+        debias card --adapter runs/t/bpo/adapter --before runs/b --after runs/a --compare runs/c --out runs/model
+        debias card --adapter runs/t/bpo/adapter --before runs/b --after runs/a --out runs/model --push-to-hub me/fix
+    """,
     "config": """
         debias config --explain            # every experiment config key with its help text
         debias config --check configs/experiments/smoke-janus.yaml
@@ -186,6 +196,26 @@ def _methods(args) -> None:
     print(table["markdown"])
 
 
+def _export(args) -> None:
+    from audit.export import DISK_FILES, export_audit, push_to_hub
+
+    out = export_audit(args.run, args.out, images=args.images)
+    print(f"data set written to {out} (datasets.load_from_disk('{out}'), or the parquet file under data/)")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(out, args.push_to_hub, 'dataset', ignore=DISK_FILES)}")
+
+
+def _card(args) -> None:
+    from audit.export import push_to_hub
+    from debias.share import write_model_card
+
+    out = write_model_card(args.adapter, args.out, args.before, args.after, compare=args.compare,
+                           train_dir=args.train)
+    print(f"adapter and model card written to {out} (README.md; load with generator.adapter: {out})")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(out, args.push_to_hub, 'model')}")
+
+
 def _config(args) -> None:
     from debias.config import ExperimentConfig, load_config
     from generators.config import explain
@@ -209,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "generator.sampling.guidance_scale=2 (repeatable)") -> None:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
 
-    def experiment(p: argparse.ArgumentParser, help: str = "experiment YAML (see configs/experiments/)",
+    def experiment(p: argparse.ArgumentParser, help: str = "experiment YAML, or a name in configs/experiments/ "
+                                                           "(e.g. lab, smoke-janus)",
                    set_help: str | None = None) -> None:
         p.add_argument("--config", required=True, help=help)
         sets(p, *([set_help] if set_help else []))
@@ -289,6 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder; one sub-folder per method")
     sets(p, "override a key of the lab experiment config, e.g. images_per_prompt=64")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = command("export", "export an audit as a Hugging Face data set: one row per image (prompt, seed, "
+                          "probabilities, face / abstain / nsfw flags)", _export)
+    p.add_argument("run", help="audit run folder (written by `debias audit`)")
+    p.add_argument("--out", required=True, help="folder for the data set (README.md, data/*.parquet, arrow files)")
+    p.add_argument("--images", action="store_true", help="add an image column with the PNGs")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="then upload the folder as a (private) Hub data set repository, e.g. my-user/my-audit")
+
+    p = command("card", "package a fixed model to share: its LoRA adapter plus a model card (README.md) with the "
+                        "before / after audit", _card)
+    p.add_argument("--adapter", required=True, help="adapter folder from `debias train` (RUN/<stage>/adapter)")
+    p.add_argument("--before", required=True, help="audit run folder of the base model")
+    p.add_argument("--after", required=True, help="audit run folder of the model with the adapter (same seeds)")
+    p.add_argument("--compare", default=None, help="`debias compare` folder of the two audits (adds the paired test)")
+    p.add_argument("--train", default=None, help="training run folder (default: the one the adapter sits in)")
+    p.add_argument("--out", required=True, help="folder to write (adapter files + README.md)")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="then upload the folder as a (private) Hub model repository, e.g. my-user/my-fix")
 
     p = command("config", "explain or check experiment configs", _config)
     p.add_argument("--explain", action="store_true", help="print every config key with its help (default)")

@@ -13,6 +13,7 @@ from debias.locate.run import LocateConfig
 from debias.synth import SynthConfig
 from debias.train.config import TrainConfig
 from generators.config import option, read_config
+from generators.resources import config_file
 
 
 @dataclass
@@ -29,8 +30,8 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, *,
     """Read an experiment YAML with dotted-key ``overrides`` (``--set``) applied; validated strictly.
 
     Args:
-        path: The YAML file; ``generator:`` and ``classifier:`` may name a file in ``configs/generators/`` /
-            ``configs/classifiers/``.
+        path: The YAML file, or the name of one in ``configs/experiments/`` (``lab``); ``generator:`` and
+            ``classifier:`` may name a file in ``configs/generators/`` / ``configs/classifiers/``.
         overrides: Dotted keys -> values (``generator.sampling.guidance_scale``).
         bare: A section whose keys may be given without its prefix (``debias train --set method=sft`` means
             ``train.method``), for keys that are not top-level keys of the experiment.
@@ -40,7 +41,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, *,
         inner = {f.name for f in dataclasses.fields(_section_type(bare))}
         overrides = {(f"{bare}.{k}" if k.split(".")[0] not in top and k.split(".")[0] in inner else k): v
                      for k, v in overrides.items()}
-    return read_config(ExperimentConfig, path, overrides)
+    return read_config(ExperimentConfig, config_file(path, "experiments", "--config"), overrides)
 
 
 def _section_type(name: str) -> type:

@@ -2,13 +2,13 @@
 
 audit (before) -> locate -> synth (balanced data made by the generator itself) -> train (the default recipe) ->
 audit (after, same prompts and seeds) -> compare, plus explicit-prompt adherence before and after, and the planted
-truth the audit should recover. Every stage writes into its own sub-folder of ``out`` and resumes.
+truth the audit should recover. Every stage writes into its own sub-folder of ``out`` and resumes; ``out/model`` is
+the fixed model as it would be shared (adapter + model card), ``out/index.html`` the page to open first.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from audit.store import atomic_write_bytes, atomic_write_json, check_writable
 from debias.config import load_config
 from generators.resources import configs_dir
 
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEMO_CONFIG = configs_dir() / "experiments" / "lab.yaml"
 EXPLICIT_IMAGES = 16  # per explicit prompt (8 occupations x 6 variants): adherence to a few points
 SWAP_IMAGES = 64  # per prompt and cell of the 2x2 component swap
@@ -79,6 +80,7 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
     from audit.run import run_audit
     from generators.lab import planted
     from debias.locate.run import run_locate
+    from debias.share import write_model_card
     from debias.synth import run_synth
     from debias.train.run import run_train
     from generators.backends import load_generator
@@ -129,6 +131,9 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
     adherence_after = explicit_adherence(tuned_cfg, out / "explicit-after", tuned, classifier,
                                          explicit_images, progress)
     compare = run_compare(out / "before", out / "after", out / "compare")
+    # The fixed model as it would be shared: the adapter with a model card holding the before / after audit.
+    write_model_card(adapter, out / "model", out / "before", out / "after", compare=out / "compare",
+                     name="lab-world debiased (demo)")
     lap("audit after + compare")
 
     swap = None
@@ -164,11 +169,12 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
         "guidance_scale": before["run"]["guidance_scale"], "images_per_prompt": config.images_per_prompt,
         "timings_s": timings,
         # relative to the demo folder, so the folder can be moved or shared
-        "reports": {"before": "before/report.html", "after": "after/report.html", "locate": "locate/locate.html",
-                    "compare": "compare/compare.html", **({"swap": "locate-swap/locate.html"} if swap else {})},
+        "reports": {"before": "before/report.html", "locate": "locate/locate.html", "after": "after/report.html",
+                    "compare": "compare/compare.html", **({"swap": "locate-swap/locate.html"} if swap else {}),
+                    "model": "model/README.md"},
     }
     atomic_write_json(out / "summary.json", summary)
-    atomic_write_bytes(out / "index.html", _index_html(summary).encode())
+    atomic_write_bytes(out / "index.html", index_html(summary).encode())
     return summary
 
 
@@ -200,18 +206,87 @@ def classifier_callable(classifier):
     return classify
 
 
-def _index_html(summary: dict) -> str:
-    from audit.report import html_fragment
+REPORT_LABELS = {
+    "before": ("Audit before the fix", "shares per prompt, intervals, images, the classifier's bias card"),
+    "locate": ("Locate", "understanding, vision and controlled-generation probes"),
+    "after": ("Audit after the fix", "same prompts and seeds"),
+    "compare": ("Before / after comparison", "paired per-prompt changes, Wilcoxon test, side-by-side images"),
+    "swap": ("Component swap", "which part of the fine-tuned model carries the change"),
+    "model": ("The fixed model to share", "LoRA adapter folder with its model card (README.md)"),
+}
 
-    return html_fragment(
-        """<!doctype html><meta charset="utf-8"><title>debias demo</title>
-<style>body{font:15px/1.5 system-ui,sans-serif;max-width:760px;margin:40px auto;color:#1f2937}
-td,th{padding:4px 12px;text-align:right}th:first-child,td:first-child{text-align:left}
-table{border-collapse:collapse}tr{border-bottom:1px solid #e5e7eb}</style>
-<h1>debias demo: the lab world, before and after</h1>
-<table><tr><th></th><th>planted</th><th>before</th><th>after</th></tr>
-{% for k in ["gender_rd", "race_rd"] %}<tr><td>{{ k }} (lower is better)</td><td>{{ "%.3f"|format(s.planted[k]) }}</td>
-<td>{{ "%.3f"|format(s.before[k]) }}</td><td>{{ "%.3f"|format(s.after[k]) }}</td></tr>{% endfor %}
-</table>
-<p>Reports: {% for name, path in s.reports.items() %}<a href="{{ path }}">{{ name }}</a> {% endfor %}</p>
-<pre>{{ js }}</pre>""", s=summary, js=json.dumps(summary, indent=1, default=str))
+
+def locate_sentences(headlines: dict[str, Any]) -> list[str]:
+    """The locate probes' headline numbers (:func:`locate_headlines`) as sentences a reader can act on."""
+    lines = []
+    for key, value in headlines.items():
+        if value is None:
+            continue
+        if key.startswith("controlled_hit_rate_"):
+            attr = key.removeprefix("controlled_hit_rate_").replace("_", " × ")
+            lines.append(f"Controlled generation ({attr}): for {value:.0%} of the neutral prompts with a clear "
+                         f"{attr} majority, the image tokens are closest to those of the explicit prompt for that "
+                         "majority group: evidence that the skew sits in how the language model reads the prompt.")
+        elif key.startswith("understanding_unknown_rate_"):
+            attr = key.removeprefix("understanding_unknown_rate_")
+            eff = headlines.get(f"understanding_rd_effective_{attr}")
+            lines.append(f"Understanding ({attr}): asked about an occupation's {attr}, the model answers “unknown” "
+                         f"{value:.0%} of the time" + (f" (effective RD {eff:.2f})" if eff is not None else "")
+                         + ": its understanding side is closer to neutral than its images (partial alignment).")
+        elif key.startswith("vision_probe_accuracy_"):
+            encoder, _, attr = key.removeprefix("vision_probe_accuracy_").partition("_")
+            lines.append(f"Vision encoder “{encoder}”: a linear probe reads {attr} from its features with accuracy "
+                         f"{value:.2f}: the vision side tells the groups apart.")
+        elif key.startswith("swap_language_share_"):
+            attr = key.removeprefix("swap_language_share_").replace("_", " × ")
+            lines.append(f"Component swap ({attr}): the fine-tuned language model carries {value:.0%} of the fix's "
+                         f"change in {attr} RD; the rest is the image decoder's.")
+    return lines
+
+
+def recovery_figure(rows: list[dict]):
+    """Measured female share (with its interval) against the planted share, one row per occupation."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 0.42 * len(rows) + 1.0))
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))[::-1]
+    measured = np.array([r["measured_female"] for r in rows])
+    lo, hi = np.array([r["ci"][0] for r in rows]), np.array([r["ci"][1] for r in rows])
+    ax.errorbar(measured, y, xerr=[measured - lo, hi - measured], fmt="o", color="#2563eb", capsize=3,
+                label="measured (95% interval)")
+    ax.scatter([r["planted_female"] for r in rows], y, marker="D", color="#111827", zorder=3, label="planted")
+    ax.set_yticks(y, [r["occupation"] for r in rows])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("female share")
+    ax.axvline(0.5, color="#9ca3af", lw=0.8, ls="--")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def index_html(summary: dict) -> str:
+    """The demo's landing page (``index.html``): the planted / before / after table with intervals, the recovery
+    plot, the locate headlines in words, adherence and quality, and links to every stage's report."""
+    from audit.report import figure_data_uri, render_html
+
+    b, a, planted = summary["before"], summary["after"], summary["planted"]
+    rd_rows = [{"label": label, "planted": planted.get(key), "before": b[key], "before_ci": b.get(f"{key}_ci"),
+                "after": a[key], "after_ci": a.get(f"{key}_ci")}
+               for key, label in (("gender_rd", "gender"), ("race_rd", "race"), ("gender_race_rd", "gender × race"))
+               if b.get(key) is not None and a.get(key) is not None]
+    headline = (f"The fix brings the gender RD from {b['gender_rd']:.3f} to {a['gender_rd']:.3f} "
+                f"({summary['gender_rd_ratio']:.0%} of before); the world was built with {planted['gender_rd']:.3f}.")
+    links = [{"href": path, "label": REPORT_LABELS.get(name, (name, ""))[0],
+              "note": REPORT_LABELS.get(name, ("", ""))[1]} for name, path in summary["reports"].items()]
+    links.append({"href": "summary.json", "label": "All numbers (summary.json)", "note": ""})
+    return render_html(
+        "demo.html.j2", TEMPLATES, title="debias demo: the lab world, before and after the fix", s=summary,
+        nav=[("result", "Result"), ("recovery", "Recovery"), ("locate", "Locate"), ("quality", "Cost"),
+             ("reports", "Reports")],
+        rd_rows=rd_rows, headline=headline, recovery_plot=figure_data_uri(recovery_figure(
+            summary["recovery"]["per_occupation"])),
+        locate_lines=locate_sentences(summary.get("locate") or {}), report_links=links,
+        adherence_attrs=list((b.get("explicit_adherence") or {})), total_s=sum(summary["timings_s"].values()),
+        generated=time.strftime("%Y-%m-%d %H:%M"),
+    )

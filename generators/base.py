@@ -54,6 +54,7 @@ class GeneratedImage:
     seed: int
     image: Image.Image
     tokens: list[int] | None = None  # codebook ids, for autoregressive (image-token) models
+    nsfw: bool | None = None  # the pipeline's safety checker flagged (and blackened) it; None: no checker ran
 
 
 @dataclass
@@ -64,8 +65,16 @@ class GeneratorConfig:
     model: str = option(
         "", help="hub id or local directory for from_pretrained; 'tiny' builds a seeded tiny model in-process"
     )
-    revision: str | None = option(None, help="hub revision (branch, tag or commit) to pin the weights")
-    dtype: Literal["float32", "float16", "bfloat16"] = option("float32", help="weights and compute dtype")
+    revision: str | None = option(
+        None, help="hub revision (branch, tag or commit) to pin the weights; every run records the commit it used"
+    )
+    variant: str | None = option(
+        None, help="weights variant to load, e.g. fp16: the half-size files SD 1.5 and SDXL ship beside the fp32 ones"
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = option(
+        "float32", help="weights and compute dtype; auto: bfloat16 on a CUDA GPU that supports it, float16 on other "
+                        "GPUs and MPS, float32 on the CPU"
+    )
     device: str = option(
         "auto", help="torch device: auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:1, mps"
     )
@@ -114,11 +123,17 @@ class Generator(Protocol):
         config: The generator config it was built from.
         settings: Its backend's sampling settings with every default applied (a dataclass).
         capabilities: The names of :data:`CAPABILITIES` it implements beyond ``generate``.
+        device, dtype: The resolved torch device and dtype name (``auto`` resolved, see :func:`resolve_dtype`).
+        batch_invariant: True when an image's bytes do not depend on the batch it is drawn in; otherwise the run
+            store computes whole seed blocks, so resumed and extended runs match.
     """
 
     config: GeneratorConfig
     settings: Any
     capabilities: frozenset[str]
+    device: str
+    dtype: str
+    batch_invariant: bool
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[GeneratedImage]:
         """One image per ``(prompts[i], seeds[i])``, computed in batches of ``config.batch_size``."""
@@ -126,6 +141,11 @@ class Generator(Protocol):
 
     def identity(self) -> dict[str, Any]:
         """JSON-able description of everything that determines the images (model, revision, adapter, settings)."""
+        ...
+
+    def provenance(self) -> dict[str, Any]:
+        """What the run records about the weights it used: :func:`generator_provenance` (resolved revision or
+        content hash, dtype, device, variant of the generator and its adapter)."""
         ...
 
 
@@ -170,30 +190,151 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+def resolve_dtype(dtype: str, device: str, key: str = "generator.dtype") -> str:
+    """The dtype a ``dtype`` option names on a resolved ``device``.
+
+    ``auto`` is bfloat16 on a CUDA GPU that supports it (Ampere and newer; the dtype Janus-Pro and FLUX ship in),
+    float16 on older CUDA GPUs and on MPS, and float32 on the CPU, where half precision is slow and several kernels
+    lack it. An explicit ``float16`` on the CPU is refused for the same reason.
+
+    Raises:
+        ConfigError: for float16 on the CPU, naming ``key``.
+    """
+    import torch
+
+    kind = device.split(":")[0]
+    if dtype == "auto":
+        if kind == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float16" if kind == "mps" else "float32"
+    if dtype == "float16" and kind == "cpu":
+        raise ConfigError(f"config key '{key}': float16 on the CPU is slow and several CPU kernels lack it; use "
+                          "dtype: auto (float32 on the CPU, half precision on a GPU), float32 or bfloat16")
+    return dtype
+
+
+_HASHES: dict[tuple, str] = {}
+
+
 def directory_hash(path: str | Path) -> str:
-    """Content hash of a directory (e.g. a PEFT adapter), so a retrained adapter never reuses stale images."""
+    """Content hash of a file or directory (an adapter, a local model folder): file names and bytes, streamed.
+
+    Memoised per process on the files' names, sizes and modification times, so a multi-GB local model is read
+    once per run, not once per stage.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"adapter '{path}' does not exist; pass the directory written by `debias train`")
-    h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        h.update(p.relative_to(path).as_posix().encode() if p != path else b"")
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
+    signature = (str(path.resolve()), *((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if signature not in _HASHES:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.relative_to(path).as_posix().encode() if p != path else b"")
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+        _HASHES[signature] = h.hexdigest()[:16]
+    return _HASHES[signature]
 
 
-def base_identity(config: GeneratorConfig, settings: Any) -> dict[str, Any]:
-    """The identity fields shared by all backends."""
-    return {
+def weights_fingerprint(modules: Any) -> str:
+    """SHA-256 over the parameter and buffer names, shapes and values of a module (or a mapping of named modules,
+    e.g. a pipeline's components): pins weights that have no file or hub commit (built in-process, handed in)."""
+    import torch
+
+    if isinstance(modules, torch.nn.Module):
+        modules = {"": modules}
+    digest = hashlib.sha256()
+    for prefix, module in sorted(modules.items()):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update((f"{prefix}.{name}" if prefix else name).encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def hub_commit(repo_id: str, revision: str | None = None,
+               files: Sequence[str] = ("config.json", "model_index.json")) -> str | None:
+    """The commit of the hub snapshot ``from_pretrained`` loaded ``repo_id`` at ``revision`` from.
+
+    Read from the local hub cache, where the load put (or found) the files, so it works offline and costs no
+    request: ``.../models--org--name/snapshots/<commit>/config.json``. None when no such file is cached.
+    """
+    import re
+
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in files:
+        try:
+            cached = try_to_load_from_cache(repo_id, name, revision=revision)
+        except ValueError:  # not a valid repo id
+            return None
+        if isinstance(cached, str):
+            return Path(cached).parent.name
+    return None
+
+
+def model_provenance(name: str, *, dtype: str | None, device: str | None, location: str | Path | None = None,
+                     revision: str | None = None, variant: str | None = None, module: Any = None,
+                     files: Sequence[str] = ("config.json", "model_index.json")) -> dict[str, Any]:
+    """What a run records about one model it used, so the run can be reproduced later.
+
+    Args:
+        name: The model as configured (hub id, folder, built-in name).
+        dtype, device, variant: As resolved for this run.
+        location: Where the weights were read from, when it differs from ``name`` (the lab world's folder).
+        revision: The revision the config asked for.
+        module: The loaded module(s), fingerprinted when the weights have neither a folder nor a hub id.
+        files: Files whose cached copy names the hub snapshot (see :func:`hub_commit`).
+
+    Returns:
+        ``model``, ``source`` (``local``: ``revision`` is a content hash of the folder; ``hub``: the snapshot
+        commit, None if the cache does not name it; ``in-process``: a fingerprint of the weights' values),
+        ``requested_revision``, ``revision``, ``dtype``, ``device`` and ``variant``.
+    """
+    where = Path(location if location is not None else name)
+    if module is not None:
+        source, resolved = "in-process", weights_fingerprint(module)[:16]
+    elif name and where.exists():
+        source, resolved = "local", directory_hash(where)
+    elif "/" in name and not name.startswith((".", "/")):
+        source, resolved = "hub", hub_commit(name, revision, files)
+    else:
+        source, resolved = "unknown", None
+    return {"model": name, "source": source, "requested_revision": revision, "revision": resolved, "dtype": dtype,
+            "device": device, "variant": variant}
+
+
+def generator_provenance(generator: Any, location: str | Path | None = None, module: Any = None) -> dict[str, Any]:
+    """``{"generator": record, "adapter": record}`` (adapter only when one is applied) of a loaded generator with
+    ``config``, ``device`` and ``dtype`` (resolved) attributes; records as :func:`model_provenance`."""
+    config = generator.config
+    out = {"generator": model_provenance(config.model, dtype=generator.dtype, device=generator.device,
+                                         location=location, revision=config.revision, variant=config.variant,
+                                         module=module)}
+    if config.adapter:
+        out["adapter"] = {**model_provenance(config.adapter, dtype=generator.dtype, device=generator.device),
+                          "merged": config.merge_adapter}
+    return out
+
+
+def base_identity(config: GeneratorConfig, settings: Any, dtype: str | None = None) -> dict[str, Any]:
+    """The identity fields shared by all backends; ``dtype`` is the resolved one (``auto`` differs per device)."""
+    identity = {
         "backend": config.backend,
         "model": config.model,
         "revision": config.revision,
-        "dtype": config.dtype,
+        "dtype": dtype or config.dtype,
         "adapter": config.adapter,
         "adapter_hash": directory_hash(config.adapter) if config.adapter else None,
         "settings": to_dict(settings) if dataclasses.is_dataclass(settings) else settings,
     }
+    if config.variant:  # only when set, so the keys of runs made before the option existed stay the same
+        identity["variant"] = config.variant
+    return identity
 
 
 def images_to_tensor(images: Sequence[Image.Image], size: int, value_range: tuple[float, float] = (0.0, 1.0),

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping, TypeVar
 import yaml
 
 from generators.errors import ConfigError, UserError, did_you_mean
-from generators.resources import named_config
+from generators.resources import named_config, project_path
 
 T = TypeVar("T")
 
@@ -46,7 +46,7 @@ def named_section(kind: str, value: Any) -> Any:
     """A section given as a YAML path or as a name in ``configs/<kind>/`` is replaced by that file's mapping."""
     if not isinstance(value, str):
         return value
-    path = Path(value)
+    path = project_path(value)
     return load_yaml(path if path.is_file() else named_config(kind, value))
 
 

@@ -4,6 +4,10 @@ Each image gets its own ``torch.Generator`` seeded with its seed, so its initial
 The denoising math is batched, and CPU/GPU kernels round differently for different batch shapes (measured: about
 1e-6 in [0, 1] pixel units, i.e. at most one 8-bit step on a few pixels); the run store therefore keeps every image
 in the same batch composition across resumes, extensions and processes.
+
+Pipelines that ship a safety checker (Stable Diffusion 1.x/2.x) return flagged images black. Each image's flag
+(``nsfw_content_detected``) is kept with it, so the audit leaves flagged images out of the shares and reports their
+rate instead of counting black squares as faces not found.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from generators.base import (
     GeneratorConfig,
     base_identity,
     check_prompts_and_seeds,
+    generator_provenance,
     images_to_tensor,
     parse_settings,
     pool_embeddings,
     resolve_device,
+    resolve_dtype,
     to_pil,
     torch_dtype,
 )
@@ -42,6 +48,10 @@ class DiffusersSettings:
     width: int | None = option(None, help="image width in pixels; None uses the pipeline default")
     scheduler: str | None = option(None, help="diffusers scheduler class to swap in, e.g. DPMSolverMultistepScheduler")
     extra: dict[str, Any] = option(default_factory=dict, help="further keyword arguments for the pipeline call")
+    safety_checker: bool = option(
+        True, help="keep the pipeline's NSFW safety checker if it ships one (SD 1.5): flagged images come back black, "
+                   "are recorded and left out of the shares, and their rate is reported; false loads it without one"
+    )
 
     def __post_init__(self):
         if self.num_inference_steps < 1:
@@ -68,6 +78,9 @@ class DiffusersGenerator:
 
     Settings = DiffusersSettings
     capabilities = frozenset({COMPONENTS, IMAGE_ENCODERS})
+    # Batched denoising rounds differently for other batch shapes (~1e-6): the run store computes seed blocks whole.
+    batch_invariant = False
+    batch_invariant = False  # batched denoising rounds differently per batch shape: the store computes whole blocks
     component_roles = {"language": "text encoder(s)",
                        "vision": "the denoiser (UNet or transformer) that turns text features into latents"}
     ENCODERS = {"vae": "the VAE encoder's latent mean"}
@@ -76,7 +89,11 @@ class DiffusersGenerator:
         self.config = config
         self.settings: DiffusersSettings = parse_settings(DiffusersSettings, config)
         self.device = resolve_device(config.device)
-        pipe = pipeline if pipeline is not None else self._load(config)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self._in_process = pipeline is not None or config.model == "tiny"
+        pipe = pipeline if pipeline is not None else self._load(config, self.dtype, self.settings.safety_checker)
+        if not self.settings.safety_checker and getattr(pipe, "safety_checker", None) is not None:
+            pipe.safety_checker = None
         if self.settings.scheduler:
             import diffusers
 
@@ -96,18 +113,21 @@ class DiffusersGenerator:
         self.pipeline = pipe.to(self.device)
 
     @staticmethod
-    def _load(config: GeneratorConfig):
+    def _load(config: GeneratorConfig, dtype: str, safety_checker: bool):
         if config.model == "tiny":
             from generators.tiny import tiny_diffusion_pipeline
 
-            return tiny_diffusion_pipeline(seed=0)
+            pipe = tiny_diffusion_pipeline(seed=0)
+            return pipe if dtype == "float32" else pipe.to(dtype=torch_dtype(dtype))
         if not config.model:
             raise ConfigError("config key 'generator.model' is required: a hub id, a local directory or 'tiny'")
         from diffusers import DiffusionPipeline
 
+        # Without the checker its weights are not even downloaded (pipelines that have none ignore the argument).
+        off = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
         return DiffusionPipeline.from_pretrained(
-            config.model, revision=config.revision, torch_dtype=torch_dtype(config.dtype),
-            trust_remote_code=config.trust_remote_code,
+            config.model, revision=config.revision, torch_dtype=torch_dtype(dtype), variant=config.variant,
+            trust_remote_code=config.trust_remote_code, **off,
         )
 
     def call_kwargs(self, n: int) -> dict[str, Any]:
@@ -132,9 +152,12 @@ class DiffusersGenerator:
         for i in range(0, len(prompts), bs):
             p, s = list(prompts[i:i + bs]), list(seeds[i:i + bs])
             generators = [torch.Generator(gen_device).manual_seed(int(x)) for x in s]
-            images = self.pipeline(prompt=p, generator=generators, **self.call_kwargs(len(p))).images
-            for prompt, seed, img in zip(p, s, to_pil(images, value_range=(0.0, 1.0))):
-                out.append(GeneratedImage(prompt=prompt, seed=int(seed), image=img))
+            result = self.pipeline(prompt=p, generator=generators, **self.call_kwargs(len(p)))
+            # None: the pipeline ran no safety checker (none shipped, or switched off).
+            flags = getattr(result, "nsfw_content_detected", None) or [None] * len(p)
+            for prompt, seed, img, flag in zip(p, s, to_pil(result.images, value_range=(0.0, 1.0)), flags):
+                out.append(GeneratedImage(prompt=prompt, seed=int(seed), image=img,
+                                          nsfw=None if flag is None else bool(flag)))
         return out
 
     def components(self) -> dict[str, list[str]]:
@@ -169,4 +192,8 @@ class DiffusersGenerator:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def identity(self) -> dict:
-        return base_identity(self.config, self.settings)
+        return base_identity(self.config, self.settings, self.dtype)
+
+    def provenance(self) -> dict:
+        modules = {n: c for n, c in self.pipeline.components.items() if isinstance(c, torch.nn.Module)}
+        return generator_provenance(self, module=modules if self._in_process else None)

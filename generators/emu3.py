@@ -94,8 +94,9 @@ class Emu3Generator(ImageTokenGenerator):
     def __init__(self, config: GeneratorConfig, model=None, processor=None):
         self.config = config
         self.settings: Emu3Settings = parse_settings(Emu3Settings, config)
+        self._resolve(config, model)
         if model is None:
-            model, processor = self._load(config)
+            model, processor = self._load(config, self.dtype)
         elif processor is None:
             raise ConfigError("Emu3Generator: pass the processor (Emu3Processor) together with the model")
         self.model = self._prepare(config, model)
@@ -114,17 +115,19 @@ class Emu3Generator(ImageTokenGenerator):
                                  s.negative_prompt, self.image_processor)
 
     @staticmethod
-    def _load(config: GeneratorConfig):
+    def _load(config: GeneratorConfig, dtype: str):
         if config.model == "tiny":
             from generators.tiny import tiny_emu3
 
-            return tiny_emu3(seed=0)
+            model, processor = tiny_emu3(seed=0)
+            return model.to(torch_dtype(dtype)), processor
         if not config.model:
             raise ConfigError("config key 'generator.model' is required: a hub id, a local directory or 'tiny'")
         from transformers import AutoProcessor, Emu3ForConditionalGeneration
 
         kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
-        model = Emu3ForConditionalGeneration.from_pretrained(config.model, dtype=torch_dtype(config.dtype), **kwargs)
+        model = Emu3ForConditionalGeneration.from_pretrained(config.model, dtype=torch_dtype(dtype),
+                                                             variant=config.variant, **kwargs)
         return model, AutoProcessor.from_pretrained(config.model, **kwargs)
 
     @property

@@ -73,8 +73,9 @@ class JanusGenerator(ImageTokenGenerator):
     def __init__(self, config: GeneratorConfig, model=None, tokenizer=None):
         self.config = config
         self.settings: JanusSettings = parse_settings(JanusSettings, config)
+        self._resolve(config, model)
         if model is None:
-            model, tokenizer = self._load(config)
+            model, tokenizer = self._load(config, self.dtype)
         elif tokenizer is None:
             raise ConfigError("JanusGenerator: pass the tokenizer together with the model")
         self.model = self._prepare(config, model)
@@ -97,17 +98,19 @@ class JanusGenerator(ImageTokenGenerator):
             return None
 
     @staticmethod
-    def _load(config: GeneratorConfig):
+    def _load(config: GeneratorConfig, dtype: str):
         if config.model == "tiny":
             from generators.tiny import tiny_janus
 
-            return tiny_janus(seed=0)
+            model, tokenizer = tiny_janus(seed=0)
+            return model.to(torch_dtype(dtype)), tokenizer
         if not config.model:
             raise ConfigError("config key 'generator.model' is required: a hub id, a local directory or 'tiny'")
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
         kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
-        model = JanusForConditionalGeneration.from_pretrained(config.model, dtype=torch_dtype(config.dtype), **kwargs)
+        model = JanusForConditionalGeneration.from_pretrained(config.model, dtype=torch_dtype(dtype),
+                                                              variant=config.variant, **kwargs)
         return model, AutoTokenizer.from_pretrained(config.model, **kwargs)
 
     def answer(self, questions: Sequence[str], seeds: Sequence[int], *, template: str = "{image}{question}",

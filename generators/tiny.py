@@ -243,8 +243,39 @@ def byte_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def tiny_diffusion_pipeline(seed: int = 0, sample_size: int = 32):
-    """Seeded tiny ``StableDiffusionPipeline`` (UNet (32, 64), 2-layer CLIP text encoder, DDIM), no safety checker."""
+def tiny_safety_checker(seed: int = 0, image_size: int = 32, threshold: float = 1.0):
+    """A real ``StableDiffusionSafetyChecker`` (the one SD 1.5 ships) at tiny size, and its feature extractor.
+
+    Its 17 concept embeddings are seeded random vectors; an image is flagged when its cosine similarity to one of
+    them exceeds that concept's threshold (``concept_embeds_weights``, all ``threshold``: the default 1.0 flags
+    nothing, lower values flag more). The 3 special-care concepts never fire (threshold 2).
+    """
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessorPil
+
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(text_config=dict(vocab_size=99, bos_token_id=0, eos_token_id=2, pad_token_id=1, **tower),
+                        vision_config=dict(image_size=image_size, patch_size=8, **tower), projection_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        checker = StableDiffusionSafetyChecker(config).eval()
+        with torch.no_grad():
+            checker.concept_embeds.copy_(torch.randn(17, 32))
+            checker.special_care_embeds.copy_(torch.randn(3, 32))
+            checker.concept_embeds_weights.fill_(threshold)
+            checker.special_care_embeds_weights.fill_(2.0)
+    extractor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                      crop_size={"height": image_size, "width": image_size})
+    return checker, extractor
+
+
+def tiny_diffusion_pipeline(seed: int = 0, sample_size: int = 32, safety_checker: bool = False,
+                            nsfw_threshold: float = 1.0):
+    """Seeded tiny ``StableDiffusionPipeline`` (UNet (32, 64), 2-layer CLIP text encoder, DDIM).
+
+    ``safety_checker`` adds a :func:`tiny_safety_checker` with concept thresholds ``nsfw_threshold``, as SD 1.5
+    ships one; without it the pipeline has none.
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -267,9 +298,10 @@ def tiny_diffusion_pipeline(seed: int = 0, sample_size: int = 32):
     ))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False)
+    checker, extractor = tiny_safety_checker(seed, sample_size, nsfw_threshold) if safety_checker else (None, None)
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        safety_checker=checker, feature_extractor=extractor, requires_safety_checker=safety_checker,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -33,6 +33,82 @@ def test_measured_vs_planted_counts():
     assert out["per_occupation"][1]["measured_female"] == 0.65 and not out["per_occupation"][1]["covered"]
 
 
+def summary_fixture() -> dict:
+    """A demo summary in the shape run_demo writes (numbers of a real run, two occupations)."""
+    side = {"gender_rd": 0.4453, "gender_rd_ci": [0.2373, 0.6373], "race_rd": 0.1479, "race_rd_ci": [0.1023, 0.1945],
+            "gender_race_rd": 0.1035, "gender_race_rd_ci": [0.0747, 0.1293], "clip_score": 58.92,
+            "explicit_adherence": {"gender": 0.914, "race": 0.492}}
+    after = {**side, "gender_rd": 0.1141, "gender_rd_ci": [0.0625, 0.1703], "clip_score": 58.62}
+    return {
+        "before": side, "after": after, "planted": {"gender_rd": 0.45, "race_rd": 0.1708},
+        "recovery": {"per_occupation": [
+            {"occupation": "doctor", "planted_female": 0.2, "measured_female": 0.1375, "ci": [0.0926, 0.1994],
+             "within_0.1": True, "covered": False},
+            {"occupation": "nurse", "planted_female": 0.85, "measured_female": 0.825, "ci": [0.7587, 0.8761],
+             "within_0.1": True, "covered": True}], "within_0.1": 2, "covered": 1, "n": 2},
+        "gender_rd_ratio": 0.2561, "wilcoxon_gender_p": 0.0391,
+        "locate": {"controlled_hit_rate_gender": 0.8333, "understanding_unknown_rate_gender": 0.775,
+                   "understanding_rd_effective_gender": 0.125, "vision_probe_accuracy_vq_gender": 1.0,
+                   "swap_language_share_gender": 1.0},
+        "synth": {"n_rows": 768, "acceptance_rate": 0.5333, "attribute": "gender", "shortfalls": 0},
+        "adapter": "train/bpo/adapter", "method": "sft+bpo", "guidance_scale": 1.01, "images_per_prompt": 160,
+        "timings_s": {"audit before": 42.8, "train": 63.8},
+        "reports": {"before": "before/report.html", "after": "after/report.html", "locate": "locate/locate.html",
+                    "compare": "compare/compare.html", "model": "model/README.md"},
+    }
+
+
+def check_landing_page(page: str, summary: dict) -> None:
+    """What a reader must find on index.html: the table with intervals, the recovery plot, the locate headlines
+    in words, adherence and quality, and a link to every report; and no dumped JSON."""
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.links, self.images, self.tags, self.text = [], [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            attrs = dict(attrs)
+            if tag == "a":
+                self.links.append(attrs.get("href"))
+            if tag == "img":
+                self.images.append(attrs.get("src", ""))
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    parsed = Page()
+    parsed.feed(page)
+    text = " ".join(" ".join(parsed.text).split())
+    assert "pre" not in parsed.tags and '{"' not in page and '"gender_rd"' not in page  # no raw JSON
+    for side in ("before", "after"):
+        lo, hi = summary[side]["gender_rd_ci"]
+        assert f"{summary[side]['gender_rd']:.3f} [{lo:.3f}, {hi:.3f}]" in text, side
+    assert f"{summary['planted']['gender_rd']:.3f}" in text
+    assert any(src.startswith("data:image/svg+xml;base64,") for src in parsed.images)  # the recovery plot
+    assert set(summary["reports"].values()) <= set(parsed.links)
+    for key, value in summary["locate"].items():  # the locate headlines, in words
+        if key.startswith("understanding_unknown_rate_"):
+            assert f"answers “unknown” {value:.0%} of the time" in text, key
+        if key.startswith("swap_language_share_") and value is not None:
+            assert f"carries {value:.0%} of the fix's change" in text, key
+    assert "adherence, gender" in text and "CLIP score" in text
+
+
+def test_landing_page_is_a_page_not_a_json_dump():
+    from debias.demo import index_html
+
+    summary = summary_fixture()
+    page = index_html(summary)
+    check_landing_page(page, summary)
+    import html
+
+    assert "answers “unknown” 78% of the time (effective RD 0.12)" in html.unescape(page)
+    assert "for 83% of the neutral prompts with a clear gender majority" in html.unescape(page)
+
+
 @pytest.mark.slow
 def test_demo_runs_the_whole_loop_and_resumes(tmp_path, repo_root):
     """The README's main job at a reduced size: every stage runs on the shipped world, writes its report, the
@@ -67,7 +143,8 @@ def test_demo_runs_the_whole_loop_and_resumes(tmp_path, repo_root):
     assert summary["locate"]["swap_language_share_gender"] is not None
     for report in summary["reports"].values():
         assert (out / report).is_file(), report
-    assert (out / "index.html").is_file()
+    check_landing_page((out / "index.html").read_text(), summary)
+    assert (out / "model" / "README.md").is_file() and (out / "model" / "adapter_config.json").is_file()
     # The fix changed the model: matched seeds give different images before and after.
     before = {p.name: p.read_bytes() for p in (out / "before").rglob("*.png")}
     after = {p.name: p.read_bytes() for p in (out / "after").rglob("*.png")}

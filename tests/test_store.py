@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from audit.sample import run_sample, seed_blocks
+from audit.sample import run_sample, sample_to_store, seed_blocks
 from audit.store import RunStore
 from debias.config import load_config
 
@@ -110,6 +111,100 @@ def test_two_process_accelerate_launch_gives_same_records(tmp_path):
     one, two = snapshot(tmp_path / "one"), snapshot(tmp_path / "two")
     assert one.keys() == two.keys() and len(one) == 12
     assert all(one[k][1] == two[k][1] for k in one)
+
+
+class RecordingJanus:
+    """A real tiny Janus generator that also records the seed batches it is asked for."""
+
+    def __init__(self, dtype):
+        from generators.base import GeneratorConfig
+        from generators.janus import JanusGenerator
+
+        self.inner = JanusGenerator(GeneratorConfig(backend="janus", model="tiny", device="cpu", batch_size=4,
+                                                    dtype=dtype, sampling={"guidance_scale": 2.0}))
+        self.config, self.batches = self.inner.config, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, prompts, seeds):
+        self.batches.append(list(seeds))
+        return self.inner.generate(prompts, seeds)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_half_precision_computes_whole_seed_blocks(tmp_path, dtype):
+    """bf16 kernels may round differently per batch shape: a partly requested block is still computed whole, so
+    seeds 4 and 5 share their batch with 6 and 7 whether the run asked for 6 or 8 seeds. fp32 Janus is batch
+    invariant and computes only the requested part of a block."""
+    gen = RecordingJanus(dtype)
+    assert gen.inner.model.dtype == getattr(torch, dtype) and gen.batch_invariant == (dtype == "float32")
+    store = RunStore(tmp_path)
+    keys = sample_to_store(gen, ["a nurse"], list(range(6)), store, progress=False)
+    more = sample_to_store(gen, ["a nurse"], list(range(8)), store, progress=False)
+    whole = dtype == "bfloat16"
+    assert gen.batches == [[0, 1, 2, 3], [4, 5, 6, 7] if whole else [4, 5], [4, 5, 6, 7]]
+    assert len(keys) == 6 and len(more) == 8
+    assert sorted(r["seed"] for r in store.records()) == list(range(8))  # only requested images are stored
+
+
+def bf16_config(path: Path, images: int) -> Path:
+    return write_config(path, images_per_prompt=images, generator={**SMOKE["generator"], "dtype": "bfloat16"})
+
+
+def test_bf16_killed_resumed_and_extended_runs_equal_an_uninterrupted_one(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full = bf16_config(tmp_path / "full.yaml", 10)  # blocks of 4: the last one, seeds 8-9, is partial
+    subprocess.run(cli("sample", "--config", str(full), "--out", str(tmp_path / "ref"), "--quiet"), check=True,
+                   env=env, capture_output=True)
+    reference = snapshot(tmp_path / "ref")
+    assert len(reference) == 30 and all(r["generator"]["dtype"] == "bfloat16" for r, _ in reference.values())
+
+    # extended: 6 seeds (a partial block 4-5), then 10
+    run_sample(load_config(bf16_config(tmp_path / "six.yaml", 6)), tmp_path / "ext", progress=False)
+    run_sample(load_config(full), tmp_path / "ext", progress=False)
+    assert snapshot(tmp_path / "ext") == reference
+
+    # killed with SIGKILL at a random point, then resumed
+    target = random.Random(os.getpid()).randint(1, 25)
+    proc = subprocess.Popen(cli("sample", "--config", str(full), "--out", str(tmp_path / "run"), "--quiet"),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = tmp_path / "run" / "samples" / "records"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if records.is_dir() and len(list(records.glob("*.json"))) >= target:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (len(list(records.glob("*.json"))) if records.is_dir() else 0) < 30, "finished before the kill"
+    run_sample(load_config(full), tmp_path / "run", progress=False)
+    assert snapshot(tmp_path / "run") == reference
+
+
+def test_diffusers_extended_run_equals_an_uninterrupted_one(tmp_path):
+    sd = {"backend": "diffusers", "model": "tiny", "device": "cpu", "batch_size": 4,
+          "sampling": {"num_inference_steps": 2, "height": 32, "width": 32}}
+    full = write_config(tmp_path / "full.yaml", generator=sd, images_per_prompt=7)
+    run_sample(load_config(full), tmp_path / "ref", progress=False)
+    run_sample(load_config(write_config(tmp_path / "five.yaml", generator=sd, images_per_prompt=5)),
+               tmp_path / "ext", progress=False)
+    run_sample(load_config(full), tmp_path / "ext", progress=False)
+    reference = snapshot(tmp_path / "ref")
+    assert len(reference) == 21 and snapshot(tmp_path / "ext") == reference
+
+
+@pytest.mark.slow
+def test_bf16_two_process_run_equals_one_process(tmp_path):
+    cfg = bf16_config(tmp_path / "c.yaml", 6)
+    run_sample(load_config(cfg), tmp_path / "one", progress=False)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "debias.cli", "sample", "--config", str(cfg), "--out", str(tmp_path / "two"), "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    one, two = snapshot(tmp_path / "one"), snapshot(tmp_path / "two")
+    assert len(one) == 18 and one == two
 
 
 BAD = [

@@ -431,3 +431,38 @@ def test_main_train_relaunches_two_processes_under_accelerate(dataset_dir, tmp_p
     info = json.loads((tmp_path / "out" / "sft" / "adapter" / "train_info.json").read_text())
     assert info["world_size"] == 2 and info["global_step"] == 2
     assert (tmp_path / "out" / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_sft_then_bpo_keeps_one_generator_model_alive(dataset_dir, tmp_path):
+    """Stage 2 of sft+bpo loads a fresh base model; the stage-1 model must be gone by then (2 x 15 GB for 7B).
+    The monitor's classifier runs inside each stage's training loop: it counts the live Janus models there."""
+    import gc
+
+    from transformers import JanusForConditionalGeneration
+
+    from debias.train.run import run_train
+
+    def live() -> int:
+        gc.collect()
+        return sum(isinstance(o, JanusForConditionalGeneration) for o in gc.get_objects())
+
+    before = live()
+    out = tmp_path / "run"
+    seen: dict[str, list[int]] = {"sft": [], "bpo": []}
+
+    def classify(images):
+        stage = "bpo" if (out / "sft" / "adapter").is_dir() else "sft"
+        seen[stage].append(live() - before)
+        return torch.full((len(images), 2), 0.5)
+
+    config = train_config(dataset_dir, method="sft+bpo", classes=["male", "female"],
+                          bpo={"max_steps": 2, "learning_rate": 1e-4}, sft={"max_steps": 2},
+                          monitor={"every_steps": 1, "images_per_prompt": 1, "prompts": PROMPTS[:1]})
+    run_train(config, tiny_config(), out, classify=classify)
+    assert seen["sft"] and seen["bpo"]
+    assert set(seen["sft"]) == {1} and set(seen["bpo"]) == {1}, seen
+    assert live() == before  # and none is left behind once training returns
+    peaks = json.loads((out / "train_result.json").read_text())["peak_memory"]
+    assert set(peaks) == {"sft", "bpo"}
+    assert all(0 < p["rss_start_mib"] <= p["rss_peak_mib"] for p in peaks.values())
+    assert json.loads((out / "bpo" / "memory.json").read_text()) == peaks["bpo"]

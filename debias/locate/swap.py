@@ -218,6 +218,8 @@ class _CellGenerator:
 
     def __init__(self, inner, cell: dict[str, str], fingerprints: dict[str, str]):
         self.inner, self.config, self.settings = inner, inner.config, inner.settings
+        self.device, self.dtype = inner.device, inner.dtype
+        self.batch_invariant = inner.batch_invariant
         self.capabilities = frozenset()  # only sampled and audited
         self.cell, self.fingerprints = cell, fingerprints
 
@@ -226,6 +228,12 @@ class _CellGenerator:
 
     def identity(self) -> dict:
         return {**self.inner.identity(), "swap": {**self.cell, "weights": self.fingerprints}}
+
+    def provenance(self) -> dict:
+        # The base model's record, plus which side of each component the cell loaded.
+        record = self.inner.provenance()
+        record["generator"] = {**record["generator"], "swap": {**self.cell, "weights": self.fingerprints}}
+        return record
 
 
 def load_tuned(experiment_config, config: SwapConfig):

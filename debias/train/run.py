@@ -7,7 +7,8 @@ Run folder layout (``out_dir``)::
     <stage>/checkpoint-N/       resumable Trainer checkpoints (adapter, optimiser, scheduler, RNG)
     <stage>/adapter/            the stage's final LoRA adapter (PEFT format) + train_info.json
     <stage>/log_history.json    the Trainer's log lines; <stage>/monitor.json the RD checks (if enabled)
-    train_result.json           the final adapter path and the stages run
+    <stage>/memory.json         the stage's peak memory (process RSS; CUDA max allocated on a GPU)
+    train_result.json           the final adapter path, the stages run and each run stage's peak memory
 
 Re-running with ``train.resume`` skips stages whose adapter exists (same key) and resumes the others from their
 latest checkpoint; a stage folder made from a different config is an error, never silently overwritten. Adapters
@@ -17,6 +18,7 @@ are written to a temporary folder and renamed, so a crash never leaves a half-wr
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -28,6 +30,7 @@ from typing import Any
 
 from debias.train.common import Classify
 from debias.train.config import TrainConfig
+from debias.train.memory import PeakMemory
 from generators.base import GeneratorConfig, directory_hash
 from generators.config import UserError, to_dict
 
@@ -243,11 +246,17 @@ def _training_args(config_cls, plan: TrainPlan, stage: StagePlan, **extra):
     )
 
 
-def _policy(plan: TrainPlan, adapter: str | None, fresh: bool):
-    """(generator, model, peft_config) for a stage: a fresh base model, with ``adapter`` loaded trainable."""
+def _policy(plan: TrainPlan, adapter: str | None):
+    """(generator, model, peft_config) for a stage: a base model with ``adapter`` loaded trainable.
+
+    The first stage to run takes the planned generator and the plan lets go of it; later stages load a fresh base
+    (a stage's LoRA layers are injected into its model in place). With the previous stage's model released first
+    (see :func:`execute`), one generator is alive at a time: for a 7B model, 15 GB of bf16 weights, not 30.
+    """
     from debias.train.common import lora_config
 
-    gen = plan.generator if not fresh else _load_generator(plan.generator_config)
+    gen, plan.generator = plan.generator, None
+    gen = gen or _load_generator(plan.generator_config)
     if adapter:
         from peft import PeftModel
 
@@ -305,14 +314,14 @@ def execute(plan: TrainPlan) -> Path:
         os.replace(tmp, plan.out_dir / "train_config.yaml")
 
     adapter = plan.init_adapter
-    first_loaded = False
+    memory: dict[str, dict] = {}
     for stage in plan.stages:
         stage_adapter = stage.folder / "adapter"
         if stage.skip:
             adapter = str(stage_adapter)
             continue
-        gen, model, peft_config = _policy(plan, adapter, fresh=first_loaded)
-        first_loaded = True
+        peak = PeakMemory(plan.generator_config.device).start()
+        gen, model, peft_config = _policy(plan, adapter)
         if _is_main():
             stage.folder.mkdir(parents=True, exist_ok=True)
             _write_json(stage.folder / "stage.json", {"stage": stage.name, "key": stage.key, "init_adapter": adapter})
@@ -349,10 +358,16 @@ def execute(plan: TrainPlan) -> Path:
             _write_json(stage.folder / "log_history.json", trainer.state.log_history)
         trainer.accelerator.wait_for_everyone()
         adapter = str(stage_adapter)
-        del trainer, model
+        # Release this stage's model before the next one loads its own (the trainer and callbacks form cycles).
+        del trainer, model, gen
+        gc.collect()
+        memory[stage.name] = peak.stop()
+        if _is_main():
+            _write_json(stage.folder / "memory.json", memory[stage.name])
 
     if _is_main():
-        _write_json(plan.out_dir / "train_result.json", {"adapter": adapter, "stages": train.stages})
+        _write_json(plan.out_dir / "train_result.json", {"adapter": adapter, "stages": train.stages,
+                                                         "peak_memory": memory})
     return Path(adapter)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from generators.base import GeneratorConfig, directory_hash
+from generators.base import GeneratorConfig, directory_hash, generator_provenance
 from generators.config import ConfigError
 from generators.janus import JanusGenerator
 from generators.lab import missing_world, world_dir
@@ -22,6 +22,11 @@ class LabGenerator(JanusGenerator):
             self.config = config
         else:
             super().__init__(config, model=model, tokenizer=tokenizer)
+
+    def provenance(self) -> dict:
+        if self._in_process:
+            return super().provenance()
+        return generator_provenance(self, location=self.weights)
 
     def identity(self) -> dict:
         # Keyed by the weights' content, not their install path, so run folders move between machines.
