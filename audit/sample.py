@@ -6,7 +6,6 @@ whatever the number of processes, the resume point or the seeds added later: its
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -15,7 +14,9 @@ from typing import Any, Sequence
 
 import yaml
 
-from audit.store import RunStore, atomic_write_bytes, atomic_write_json, check_writable, content_key, environment
+from audit.store import (
+    RunStore, atomic_write_bytes, atomic_write_json, check_writable, content_key, environment, read_json, say,
+)
 from generators.backends import load_generator
 from generators.base import Generator
 from generators.config import to_dict
@@ -59,9 +60,15 @@ def run_settings(generator: Generator | None, counts: dict[str, int], seeds: Seq
 
 def write_run_metadata(out: Path, config: Any, command: str, stage: str, extra: dict | None = None,
                        settings: dict | None = None) -> None:
-    """Record the config, the resolved run ``settings``, versions and git revision; keeps earlier stages."""
+    """Record the config, the resolved run ``settings``, versions and git revision; keeps earlier stages.
+
+    An unreadable ``run.json`` (truncated by a crash) is rebuilt: it only describes the run, the results live beside it.
+    """
     meta_path = out / "run.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"stages": {}}
+    meta = read_json(meta_path) if meta_path.is_file() else {"stages": {}}
+    if not isinstance(meta, dict) or not isinstance(meta.get("stages"), dict):
+        say(f"{meta_path} was unreadable (truncated or edited); rewriting it (earlier stages' entries are lost)")
+        meta = {"stages": {}}
     meta.update({"config": to_dict(config), "environment": environment()})
     if settings is not None:
         meta["settings"] = settings
@@ -73,8 +80,9 @@ def write_run_metadata(out: Path, config: Any, command: str, stage: str, extra: 
 def run_sample(config, out: str | Path, progress: bool = True, generator=None) -> tuple[RunStore, list[str]]:
     """Stage 1 of every audit: sample ``config.images_per_prompt`` images per prompt into ``out``.
 
-    Validates the config and the output directory and loads the model before creating anything, so bad input
-    leaves nothing behind. Re-running skips existing images; more seeds sample only the new ones.
+    Validates the config (:meth:`audit.config.AuditConfig.check`) and the output directory and loads the model
+    before creating anything, so bad input leaves nothing behind. Re-running skips existing images; more seeds
+    sample only the new ones; stored images that fail verification are regenerated.
 
     Args:
         config: An :class:`audit.config.AuditConfig` (or a config extending it).
@@ -87,7 +95,7 @@ def run_sample(config, out: str | Path, progress: bool = True, generator=None) -
         run settings (:func:`run_settings`) are recorded in ``run.json``.
     """
     out = check_writable(out)
-    prompts = config.prompts.neutral_prompts()
+    prompts = config.check(generator=generator is None)
     generator = generator or load_generator(config.generator)
     rank, world, is_main, barrier = distributed_state()
     out.mkdir(parents=True, exist_ok=True)
@@ -118,18 +126,29 @@ def sample_to_store(
 
     Prompts are sharded over processes (prompt i goes to process ``i % num_processes``); batches never mix prompts
     and follow :func:`seed_blocks`, so the images do not depend on how many processes ran or when a run resumed.
+    A stored image whose record is unreadable or whose PNG does not match its recorded size and hash is
+    regenerated (one line on stderr says how many).
     """
     from tqdm.auto import tqdm
 
     identity = generator.identity()
     keys = [content_key(identity, p, s) for p in prompts for s in seeds]
-    todo = []
+    store.clean()
+    todo, damaged = [], []
     for i, prompt in enumerate(prompts):
         if i % num_processes != process_index:
             continue
         for block in seed_blocks(seeds, generator.config.batch_size):
-            if not all(store.has(content_key(identity, prompt, s)) for s in block):
+            block_keys = [content_key(identity, prompt, s) for s in block]
+            bad = store.damaged(block_keys)
+            damaged += bad
+            if bad or not all(store.has(k) for k in block_keys):
                 todo.append((prompt, block))
+    if damaged:
+        say(f"run store '{store.root}': {len(damaged)} stored image(s) failed verification (unreadable record, or "
+            f"PNG missing, truncated or changed), e.g. {store.image_path(damaged[0]).relative_to(store.root)}; "
+            "regenerating them (same seeds, same bytes)")
+    damaged_set = set(damaged)
     bar = tqdm(total=sum(len(b) for _, b in todo), desc="sampling", unit="img", disable=not progress,
                dynamic_ncols=True)
     for prompt, block in todo:
@@ -137,7 +156,8 @@ def sample_to_store(
         items = generator.generate([prompt] * len(block), block)
         per_image = (time.perf_counter() - t0) / len(block)
         for item in items:
-            if not store.has(content_key(identity, item.prompt, item.seed)):
+            key = content_key(identity, item.prompt, item.seed)
+            if key in damaged_set or not store.has(key):
                 store.put(item, identity, seconds=round(per_image, 4))
         bar.update(len(block))
     bar.close()

@@ -22,6 +22,8 @@ import numpy as np
 from audit.prompts import PromptConfig, explicit_prompt, groups
 from audit.sample import sample_to_store
 from audit.store import RunStore, atomic_write_json, check_writable
+from audit.config import MAX_IMAGES_PER_PROMPT
+from generators.base import MAX_SEED, check_range
 from generators.config import ConfigError, UserError, option
 
 
@@ -53,8 +55,10 @@ class SynthConfig:
     def __post_init__(self):
         if self.per_cell < 1:
             raise ConfigError(f"config key 'synth.per_cell': must be >= 1, got {self.per_cell}")
-        if self.max_rounds < 1:
-            raise ConfigError(f"config key 'synth.max_rounds': must be >= 1, got {self.max_rounds}")
+        check_range("synth.per_cell", self.per_cell, 1, MAX_IMAGES_PER_PROMPT)
+        check_range("synth.max_rounds", self.max_rounds, 1, 1000)
+        check_range("synth.seed_offset", self.seed_offset, 0,
+                    MAX_SEED - self.per_cell * self.max_rounds + 1)
         if not 0 <= self.min_confidence <= 1:
             raise ConfigError(f"config key 'synth.min_confidence': must be in [0, 1], got {self.min_confidence}")
         k = len(groups(self.attribute))
@@ -126,15 +130,20 @@ def run_synth(config, out: str | Path, generator=None, classifier=None, progress
 
     sc: SynthConfig = config.synth
     out = check_writable(out)
+    # Every input before any model loads or anything is written.
+    config.check(generator=generator is None)
     neutral = sc.prompts.neutral_prompts()
     words = groups(sc.attribute)
-    classifier = classifier or ClipClassifier(config.classifier)
-    class_index = {a: {c: i for i, c in enumerate(spec.classes)} for a, spec in classifier.attributes.items()}
+    specs = classifier.attributes if classifier is not None else config.classifier.attribute_specs()
+    class_index = {a: {c: i for i, c in enumerate(spec.classes)} for a, spec in specs.items()}
     for g in words:
         for attr, part in group_parts(g, sc.attribute):
             if part not in class_index.get(attr, {}):
                 raise ConfigError(f"config key 'synth.attribute': the classifier has no class '{part}' for '{attr}'; "
                                   f"its attributes are {sorted(class_index)}")
+    for p in neutral:
+        explicit_prompt(p, "x", sc.prompts.neutral_word)
+    classifier = classifier or ClipClassifier(config.classifier)
     generator = generator or load_generator(config.generator)
     out.mkdir(parents=True, exist_ok=True)
     store = RunStore(out)

@@ -23,7 +23,9 @@ from generators.base import (
     GeneratedImage,
     GeneratorConfig,
     base_identity,
+    check_adapter,
     check_prompts_and_seeds,
+    check_weights,
     images_to_tensor,
     parse_settings,
     pool_embeddings,
@@ -70,6 +72,11 @@ class JanusSettings:
             )
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class JanusGenerator:
     """Janus / Janus-Pro text-to-image generation behind the :class:`generators.base.Generator` protocol.
 
@@ -113,6 +120,7 @@ class JanusGenerator:
         if config.adapter:
             from peft import PeftModel
 
+            check_adapter(config.adapter, "generator.adapter", config.allow_pickle)
             model = PeftModel.from_pretrained(model, config.adapter)
             if config.merge_adapter:
                 model = model.merge_and_unload()
@@ -134,6 +142,16 @@ class JanusGenerator:
         except (OSError, ValueError):  # a folder without a loadable image processor: callers use the default
             return None
 
+    @classmethod
+    def check_config(cls, config: GeneratorConfig, settings: JanusSettings) -> None:
+        """What loading ``config`` would reject, without loading: the model folder, its weights and the adapter."""
+        if config.model != "tiny":
+            if not config.model:
+                raise ConfigError("config key 'generator.model' is required: a hub id, a local directory or 'tiny'")
+            check_weights(config.model, "generator.model", config.allow_pickle, marker="config.json")
+        if config.adapter:
+            check_adapter(config.adapter, "generator.adapter", config.allow_pickle)
+
     @staticmethod
     def _load(config: GeneratorConfig):
         if config.model == "tiny":
@@ -142,11 +160,20 @@ class JanusGenerator:
             return tiny_janus(seed=0)
         if not config.model:
             raise ConfigError("config key 'generator.model' is required: a hub id, a local directory or 'tiny'")
+        check_weights(config.model, "generator.model", config.allow_pickle, marker="config.json")
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
+        # Safetensors only unless pickles are allowed: a hub repo with only pickled weights then fails to load.
         kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
-        model = JanusForConditionalGeneration.from_pretrained(config.model, dtype=torch_dtype(config.dtype), **kwargs)
-        return model, AutoTokenizer.from_pretrained(config.model, **kwargs)
+        try:
+            model = JanusForConditionalGeneration.from_pretrained(
+                config.model, dtype=torch_dtype(config.dtype), use_safetensors=None if config.allow_pickle else True,
+                **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(config.model, **kwargs)
+        except (OSError, ValueError) as err:
+            raise UserError(f"config key 'generator.model': cannot load {config.model!r} ({_first_line(err)}); pass "
+                            "a local folder with safetensors weights or a hub id reachable from here") from None
+        return model, tokenizer
 
     @property
     def num_image_tokens(self) -> int:
