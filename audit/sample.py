@@ -148,7 +148,8 @@ def sample_to_store(
         say(f"run store '{store.root}': {len(damaged)} stored image(s) failed verification (unreadable record, or "
             f"PNG missing, truncated or changed), e.g. {store.image_path(damaged[0]).relative_to(store.root)}; "
             "regenerating them (same seeds, same bytes)")
-    damaged_set = set(damaged)
+    recorded = {k: (store.record(k) or {}).get("sha256") for k in damaged}
+    changed = 0
     bar = tqdm(total=sum(len(b) for _, b in todo), desc="sampling", unit="img", disable=not progress,
                dynamic_ncols=True)
     for prompt, block in todo:
@@ -157,8 +158,12 @@ def sample_to_store(
         per_image = (time.perf_counter() - t0) / len(block)
         for item in items:
             key = content_key(identity, item.prompt, item.seed)
-            if key in damaged_set or not store.has(key):
-                store.put(item, identity, seconds=round(per_image, 4))
+            if key in recorded or not store.has(key):
+                rec = store.put(item, identity, seconds=round(per_image, 4))
+                changed += recorded.get(key) not in (None, rec["sha256"])
         bar.update(len(block))
     bar.close()
+    if changed:
+        say(f"run store '{store.root}': {changed} regenerated image(s) differ from their recorded hash (the backend "
+            "is not deterministic here); results cached for them describe the earlier bytes")
     return keys

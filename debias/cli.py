@@ -155,7 +155,9 @@ def _train(args) -> None:
     from generators.config import to_dict
 
     # `--set method=sft` means train.method: the train section's keys may drop their prefix here.
-    main_train(to_dict(_experiment(args, bare="train")), args.out)
+    config = _experiment(args, bare="train")
+    config.check()  # the experiment's inputs, as every command checks them, before training plans its own
+    main_train(to_dict(config), args.out)
 
 
 def _demo(args) -> None:

@@ -25,8 +25,11 @@ def run_guidance_sweep(config, out: str | Path, scales: Sequence[float], progres
     from audit.run import run_audit
 
     out = check_writable(out)
-    if not scales or any(not math.isfinite(s) or s < 1 for s in scales):
-        raise UserError(f"--guidance: give one or more finite scales >= 1 (1 disables guidance), got {list(scales)}")
+    for s in scales:
+        if not math.isfinite(s):
+            raise UserError(f"--guidance: {s} is not a finite number; use a finite number >= 1 for each scale")
+    if not scales or any(s < 1 for s in scales):
+        raise UserError(f"--guidance: give one or more scales >= 1 (1 disables guidance), got {list(scales)}")
     configs = []
     for scale in scales:
         cfg = copy.deepcopy(config)

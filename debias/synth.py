@@ -109,6 +109,28 @@ def m4_weights(prompt_ids: np.ndarray, group_ids: np.ndarray, n_groups: int, tar
     return w * len(w) / w.sum() if w.sum() > 0 else w
 
 
+def check_synth(config, attributes: dict | None = None) -> list[str]:
+    """Check the ``synth`` section against the classifier (each group a class it has) and the training prompts
+    (each with the word the group words replace), without loading anything; returns the neutral training prompts.
+
+    Args:
+        config: The experiment config.
+        attributes: The classifier's attribute specs (default: from ``config.classifier``).
+    """
+    sc: SynthConfig = config.synth
+    specs = attributes if attributes is not None else config.classifier.attribute_specs()
+    classes = {a: list(spec.classes) for a, spec in specs.items()}
+    for g in groups(sc.attribute):
+        for attr, part in group_parts(g, sc.attribute):
+            if part not in classes.get(attr, []):
+                raise ConfigError(f"config key 'synth.attribute': the classifier has no class '{part}' for '{attr}'; "
+                                  f"its attributes are {sorted(classes)}")
+    neutral = sc.prompts.neutral_prompts()
+    for p in neutral:
+        explicit_prompt(p, "x", sc.prompts.neutral_word)
+    return neutral
+
+
 def run_synth(config, out: str | Path, generator=None, classifier=None, progress: bool = True) -> dict[str, Any]:
     """Build the balanced dataset into ``out``: ``out/dataset`` (HF ``datasets``) and ``out/synth.json``.
 
@@ -132,17 +154,10 @@ def run_synth(config, out: str | Path, generator=None, classifier=None, progress
     out = check_writable(out)
     # Every input before any model loads or anything is written.
     config.check(generator=generator is None)
-    neutral = sc.prompts.neutral_prompts()
+    neutral = check_synth(config, classifier.attributes if classifier is not None else None)
     words = groups(sc.attribute)
-    specs = classifier.attributes if classifier is not None else config.classifier.attribute_specs()
-    class_index = {a: {c: i for i, c in enumerate(spec.classes)} for a, spec in specs.items()}
-    for g in words:
-        for attr, part in group_parts(g, sc.attribute):
-            if part not in class_index.get(attr, {}):
-                raise ConfigError(f"config key 'synth.attribute': the classifier has no class '{part}' for '{attr}'; "
-                                  f"its attributes are {sorted(class_index)}")
-    for p in neutral:
-        explicit_prompt(p, "x", sc.prompts.neutral_word)
+    class_index = {a: {c: i for i, c in enumerate(spec.classes)} for a, spec in
+                   (classifier.attributes if classifier is not None else config.classifier.attribute_specs()).items()}
     classifier = classifier or ClipClassifier(config.classifier)
     generator = generator or load_generator(config.generator)
     out.mkdir(parents=True, exist_ok=True)

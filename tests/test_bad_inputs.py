@@ -142,6 +142,18 @@ def pickled_clip(folder: Path) -> str:
     return str(folder)
 
 
+def pickled_pipeline(folder: Path) -> str:
+    """A real tiny Stable Diffusion pipeline whose UNet alone is saved as a pickle."""
+    from generators.tiny import tiny_diffusion_pipeline
+
+    if not (folder / "unet" / "diffusion_pytorch_model.bin").is_file():
+        pipe = tiny_diffusion_pipeline(seed=0)
+        pipe.save_pretrained(folder)
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+        torch.save(pipe.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.bin")
+    return str(folder)
+
+
 def pickled_adapter(folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
@@ -279,6 +291,8 @@ CASES = [
          "generator.model"),
     Case("sample-model-pickle-only", lambda tmp, out: sample(
         generator__model=pickled_janus(tmp / "pickled"))(tmp, out), "generator.allow_pickle", subprocess=True),
+    Case("sample-diffusers-unet-pickled", lambda tmp, out: sample(generator=merged(
+        TINY_SD, {"model": pickled_pipeline(tmp / "sd")}))(tmp, out), "in unet"),
     Case("sample-lab-world-missing", sample(generator={"backend": "lab", "model": "/nonexistent/world"}),
          "/nonexistent/world"),
     Case("sample-adapter-missing", sample(generator__adapter="/nonexistent/adapter"), "generator.adapter"),
@@ -559,6 +573,13 @@ def test_pickle_only_models_load_only_when_allowed(tmp_path):
     loaded = load_generator({**janus, "model": path, "allow_pickle": True}).generate(["a nurse"] * 2, [0, 1])
     tiny = load_generator({**janus, "model": "tiny"}).generate(["a nurse"] * 2, [0, 1])
     assert [g.tokens for g in loaded] == [g.tokens for g in tiny]
+
+    sd = {**TINY_SD, "model": pickled_pipeline(tmp_path / "sd")}
+    with pytest.raises(UserError, match=r"diffusion_pytorch_model.bin in unet.*generator.allow_pickle: true"):
+        load_generator(sd)
+    loaded = load_generator({**sd, "allow_pickle": True}).generate(["a nurse"], [3])[0].image
+    tiny = load_generator(TINY_SD).generate(["a nurse"], [3])[0].image
+    assert loaded.tobytes() == tiny.tobytes()
 
     clip = pickled_clip(tmp_path / "clip")
     with pytest.raises(UserError, match="classifier.allow_pickle: true"):

@@ -439,41 +439,44 @@ def test_main_train_relaunches_two_processes_under_accelerate(dataset_dir, tmp_p
 @pytest.mark.slow
 def test_smoke_training_config_runs_and_a_kill_inside_a_checkpoint_save_resumes_to_the_same_adapter(tmp_path,
                                                                                                     repo_root):
-    """`configs/experiments/train-smoke.yaml` as documented (synth, then train), and the same training killed while
-    it writes a checkpoint: the incomplete checkpoint is skipped, training resumes from the last complete one and
-    ends with the adapter of the uninterrupted run."""
+    """`configs/experiments/train-smoke.yaml` with the commands its header (and the README) gives: synth, train, audit
+    with the adapter; then the same training killed while it writes a checkpoint: the incomplete checkpoint is
+    skipped, training resumes from the last complete one and ends with the adapter of the uninterrupted run."""
     import os
     import subprocess
     import sys
 
-    config = "configs/experiments/train-smoke.yaml"
+    config = str(repo_root / "configs" / "experiments" / "train-smoke.yaml")
 
     def cli(*args: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, **({"DEBIAS_CRASH_AT": crash_at} if crash_at else {})}
+        # Run where the config's relative paths (train.dataset: runs/train-smoke-synth/dataset) point into tmp_path.
         return subprocess.run([sys.executable, "-m", "debias.cli", *args], capture_output=True, text=True, env=env,
-                              cwd=repo_root)
+                              cwd=tmp_path)
 
-    synth = cli("synth", "--config", config, "--out", str(tmp_path / "synth"), "--quiet")
-    assert synth.returncode == 0, synth.stderr[-2000:]
-    dataset = f"train.dataset={tmp_path / 'synth' / 'dataset'}"
-    reference = cli("train", "--config", config, "--out", str(tmp_path / "reference"), "--set", dataset)
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    final = tmp_path / "reference" / "bpo" / "adapter"
+    for args in (("synth", "--config", config, "--out", "runs/train-smoke-synth", "--quiet"),
+                 ("train", "--config", config, "--out", "runs/train-smoke"),
+                 ("audit", "--config", config, "--out", "runs/train-smoke-after", "--adapter",
+                  "runs/train-smoke/bpo/adapter", "--quiet")):
+        done = cli(*args)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+    runs = tmp_path / "runs"
+    final = runs / "train-smoke" / "bpo" / "adapter"
     assert json.loads((final / "train_info.json").read_text())["global_step"] == 4
+    assert json.loads((runs / "train-smoke-after" / "metrics.json").read_text())["run"]["generator"]["adapter"]
 
-    out = tmp_path / "run"
-    killed = cli("train", "--config", config, "--out", str(out), "--set", dataset, crash_at="train:checkpoint-4")
+    killed = cli("train", "--config", config, "--out", "runs/killed", crash_at="train:checkpoint-4")
     assert killed.returncode == 137
-    sft = out / "sft"
+    sft = runs / "killed" / "sft"
     assert (sft / "checkpoint-2" / "trainer_state.json").is_file()
     assert (sft / "checkpoint-4").is_dir() and not (sft / "checkpoint-4" / "trainer_state.json").exists()
     assert not (sft / "adapter").exists()
 
-    resumed = cli("train", "--config", config, "--out", str(out), "--set", dataset)
+    resumed = cli("train", "--config", config, "--out", "runs/killed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "checkpoint-4 is incomplete" in resumed.stderr
     history = json.loads((sft / "log_history.json").read_text())
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]
-    expected, got = _load_adapter_weights(final), _load_adapter_weights(out / "bpo" / "adapter")
+    expected, got = _load_adapter_weights(final), _load_adapter_weights(runs / "killed" / "bpo" / "adapter")
     assert expected.keys() == got.keys()
     assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)

@@ -86,10 +86,17 @@ def read_audit(source: str | Path, key: str = "config key 'locate.audit'") -> di
     return metrics
 
 
-def _check(experiment_config, config: LocateConfig, generator, tuned) -> None:
-    """Every problem a probe would hit, raised before any output is written. ``generator`` may be the backend
-    class (before loading: the capabilities) or the loaded generator (then its encoders are checked too)."""
+def check_locate(experiment_config, config: LocateConfig, generator=None, tuned=None) -> None:
+    """Every problem a probe would hit, raised before any output is written.
+
+    Without ``generator`` (before loading it) the backend's declared capabilities are checked; with the loaded
+    generator, its image encoders too. ``tuned`` is the swap's tuned generator or model, when one is handed in.
+    """
+    from generators.backends import GENERATORS
     from generators.base import IMAGE_ENCODERS, IMAGE_TOKENS, UNDERSTANDING, require
+
+    if generator is None:
+        generator = GENERATORS.get(experiment_config.generator.backend)
 
     backend = experiment_config.generator.backend if isinstance(generator, type) else None
     if "understanding" in config.probes:
@@ -162,7 +169,7 @@ def run_locate(experiment_config, locate_config: LocateConfig | Mapping | None, 
     from audit.sample import write_run_metadata
     from audit.store import atomic_write_json, check_writable, crash_point
     from debias.locate import report
-    from generators.backends import GENERATORS, load_generator
+    from generators.backends import load_generator
 
     if locate_config is None:
         locate_config = LocateConfig()
@@ -171,10 +178,9 @@ def run_locate(experiment_config, locate_config: LocateConfig | Mapping | None, 
     out = check_writable(out_dir)
     # Every input before any model loads: the experiment, then what the probes need of the generator's backend.
     experiment_config.check(generator=generator is None)
-    _check(experiment_config, locate_config,
-           generator if generator is not None else GENERATORS.get(experiment_config.generator.backend), tuned)
+    check_locate(experiment_config, locate_config, generator, tuned)
     generator = generator or load_generator(experiment_config.generator)
-    _check(experiment_config, locate_config, generator, tuned)
+    check_locate(experiment_config, locate_config, generator, tuned)
 
     def get_classifier():
         nonlocal classifier
@@ -310,4 +316,4 @@ class ProbeStages:
         return result
 
 
-__all__ = ["LocateConfig", "PROBES", "ProbeStages", "read_audit", "run_locate"]
+__all__ = ["LocateConfig", "PROBES", "ProbeStages", "check_locate", "read_audit", "run_locate"]
