@@ -14,7 +14,7 @@ from audit.classify import ClassifierConfig
 from audit.faces import FaceConfig
 from audit.prompts import PromptConfig
 from generators.base import MAX_SEED, GeneratorConfig, check_range
-from generators.config import ConfigError, did_you_mean, option
+from generators.config import ConfigError, UserError, did_you_mean, option
 
 MAX_IMAGES_PER_PROMPT = 1_000_000  # a typo beyond this would materialise billions of seeds before failing
 MAX_BOOT = 1_000_000
@@ -94,9 +94,7 @@ class MetricsConfig:
         if self.calibration:
             try:
                 load_calibration(self.calibration, classes=classes)
-            except ConfigError:
-                raise
-            except ValueError as err:  # a UserError naming the file
+            except UserError as err:  # it names the file; the key tells where it came from
                 raise ConfigError(f"config key 'metrics.calibration': {err}") from None
 
 
@@ -135,7 +133,7 @@ class AuditConfig:
         calibration file) and the card's inputs. ``debias config --check`` runs exactly this.
 
         Returns:
-            The prompts to audit.
+            The prompts to audit (none for an image folder: it brings its own).
 
         Raises:
             ConfigError / UserError: naming the key or file, the bad value and the fix.
@@ -145,7 +143,7 @@ class AuditConfig:
 
         if generator and not images:
             check_generator_config(self.generator)
-        prompts = self.prompts.neutral_prompts()
+        prompts = [] if images else self.prompts.neutral_prompts()  # an image folder brings its own prompts
         self.classifier.check()
         self.metrics.check({name: spec.classes for name, spec in self.classifier.attribute_specs().items()})
         validate_card_inputs(self.card, has_generator=not images)

@@ -43,7 +43,7 @@ class StageCache:
     def open(cls, root: Path, stage: str, identity: Any) -> "StageCache":
         path = root / "stages" / f"{stage}-{_hash(identity)}.json"
         if path.parent.is_dir():
-            remove_orphans(path.parent, f".{stage}-*.tmp")
+            remove_orphans(path.parent)
         data = {}
         if path.is_file():
             saved = read_json(path)
@@ -75,6 +75,7 @@ class ImportRow:
 def _manifest_rows(path: Path) -> list[tuple[str, Any]]:
     """``(where, row)`` per line of ``manifest.jsonl`` / row of ``manifest.csv``; raises naming the line."""
     import csv
+    import io
 
     name = f"--images manifest '{path}'"
     try:
@@ -82,7 +83,7 @@ def _manifest_rows(path: Path) -> list[tuple[str, Any]]:
     except UnicodeDecodeError as err:
         raise UserError(f"{name} is not UTF-8 text (byte at offset {err.start}); save it as UTF-8") from None
     if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         if not reader.fieldnames or not {"file", "prompt"} <= set(reader.fieldnames):
             raise UserError(f"{name}: the header must name 'file' and 'prompt' columns (and optionally 'seed'), got "
                             f"{reader.fieldnames}")

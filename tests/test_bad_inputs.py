@@ -161,6 +161,34 @@ def pickled_adapter(folder: Path) -> str:
     return str(folder)
 
 
+def balanced_dataset(folder: Path) -> str:
+    """A real (tiny) balanced data set in the synth format: one prompt, two genders, two images each."""
+    import datasets
+
+    from generators.janus import JanusGenerator
+    from generators.base import GeneratorConfig
+
+    if folder.is_dir():
+        return str(folder)
+    gen = JanusGenerator(GeneratorConfig(backend="janus", model="tiny", device="cpu", batch_size=4))
+    prompt = "A photo of the face of a nurse, a person"
+    rows = {k: [] for k in ("prompt", "explicit_prompt", "attribute", "group", "seed", "confidence", "image",
+                            "tokens")}
+    for group, seeds in (("male", [0, 1]), ("female", [100, 101])):
+        for image in gen.generate([prompt.replace("person", group)] * 2, seeds):
+            for key, value in (("prompt", prompt), ("explicit_prompt", prompt.replace("person", group)),
+                               ("attribute", "gender"), ("group", group), ("seed", image.seed),
+                               ("confidence", 0.9), ("image", image.image), ("tokens", image.tokens)):
+                rows[key].append(value)
+    features = datasets.Features({
+        "prompt": datasets.Value("string"), "explicit_prompt": datasets.Value("string"),
+        "attribute": datasets.Value("string"), "group": datasets.Value("string"), "seed": datasets.Value("int64"),
+        "confidence": datasets.Value("float32"), "image": datasets.Image(),
+        "tokens": datasets.Sequence(datasets.Value("int64"))})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(folder))
+    return str(folder)
+
+
 def not_a_run(folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "notes.txt").write_text("not an audit")
@@ -463,6 +491,10 @@ CASES = [
     Case("train-freq-target-nan", train("freq.target=[.nan, 0.5]"), "train.freq.target[0]"),
     Case("train-resume-checkpoint-missing", train("dataset=x", "resume_from_checkpoint=/nonexistent/checkpoint-2"),
          "train.resume_from_checkpoint"),
+    Case("train-resume-checkpoint-incomplete", lambda tmp, out: text_file(
+        tmp / "stage" / "checkpoint-2" / "adapter_model.safetensors") and train(
+        f"dataset={balanced_dataset(tmp / 'data')}", f"resume_from_checkpoint={tmp / 'stage' / 'checkpoint-2'}")(
+        tmp, out), "incomplete"),
     Case("train-init-adapter-missing", train("dataset=x", "init_adapter=/nonexistent/adapter"), "train.init_adapter"),
     Case("train-fp16-on-cpu", train("dataset=x", "precision=fp16"), "train.precision", skip=no_cuda),
     Case("train-generator-temperature-nan", train("dataset=x", generator__sampling__temperature=NAN),

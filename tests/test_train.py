@@ -436,6 +436,27 @@ def test_main_train_relaunches_two_processes_under_accelerate(dataset_dir, tmp_p
 # ----------------------------------------------------------------------------- the smoke config, kill and resume
 
 
+def test_resume_picks_the_last_complete_checkpoint_and_removes_incomplete_ones(tmp_path, capsys):
+    from debias.train.run import last_complete_checkpoint
+
+    stage = tmp_path / "sft"
+    for step, state in ((2, {"global_step": 2}), (4, {"global_step": 4}), (6, None), (8, "truncated")):
+        folder = stage / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        if isinstance(state, dict):
+            (folder / "trainer_state.json").write_text(json.dumps(state))
+        elif state == "truncated":
+            (folder / "trainer_state.json").write_text('{"global_st')
+    (stage / "checkpoint-10").mkdir()  # killed before anything was written
+    assert last_complete_checkpoint(stage, "sft") == str(stage / "checkpoint-4")
+    assert sorted(p.name for p in stage.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    err = capsys.readouterr().err
+    assert all(f"checkpoint-{n} is incomplete" in err for n in (6, 8, 10))
+    (tmp_path / "bpo").mkdir()
+    assert last_complete_checkpoint(tmp_path / "bpo", "bpo") is None
+
+
 @pytest.mark.slow
 def test_smoke_training_config_runs_and_a_kill_inside_a_checkpoint_save_resumes_to_the_same_adapter(tmp_path,
                                                                                                     repo_root):
