@@ -19,10 +19,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from audit.config import MAX_IMAGES_PER_PROMPT
 from audit.prompts import PromptConfig, explicit_prompt, groups
 from audit.sample import sample_to_store
 from audit.store import RunStore, atomic_write_json, check_writable
-from audit.config import MAX_IMAGES_PER_PROMPT
 from generators.base import MAX_SEED, check_range
 from generators.config import ConfigError, UserError, option
 
@@ -156,9 +156,8 @@ def run_synth(config, out: str | Path, generator=None, classifier=None, progress
     config.check(generator=generator is None)
     neutral = check_synth(config, classifier.attributes if classifier is not None else None)
     words = groups(sc.attribute)
-    class_index = {a: {c: i for i, c in enumerate(spec.classes)} for a, spec in
-                   (classifier.attributes if classifier is not None else config.classifier.attribute_specs()).items()}
     classifier = classifier or ClipClassifier(config.classifier)
+    class_index = {a: {c: i for i, c in enumerate(spec.classes)} for a, spec in classifier.attributes.items()}
     generator = generator or load_generator(config.generator)
     out.mkdir(parents=True, exist_ok=True)
     store = RunStore(out)
