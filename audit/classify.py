@@ -30,7 +30,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from generators.base import model_provenance, resolve_device, resolve_dtype, weights_fingerprint
+from generators.base import (
+    MAX_BATCH_SIZE, check_device_name, check_range, check_weights, model_provenance, resolve_device, resolve_dtype,
+    weights_fingerprint,
+)
 from generators.config import ConfigError, UserError, did_you_mean, from_dict, load_yaml, option, to_dict
 from generators.registry import Registry
 from generators.resources import config_names, named_config
@@ -220,10 +223,11 @@ class ClassifierConfig:
                                        "models trained on the verbatim 'a' of the paper's template (the lab world)")
     seed: int = option(0, help="seed of in-process builders (model 'tiny')")
     trust_remote_code: bool = option(False, help="allow custom modelling code from the hub (off: security)")
+    allow_pickle: bool = option(False, help="allow pickled weights (pytorch_model.bin, *.pt): loading a pickle can "
+                                            "run code, so only safetensors load unless this is true")
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError(f"config key 'classifier.batch_size': must be >= 1, got {self.batch_size}")
+        check_range("classifier.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         if not (isinstance(self.abstain_threshold, (int, float)) and 0 <= self.abstain_threshold <= 1):
             raise ConfigError(
                 f"config key 'classifier.abstain_threshold': must be in [0, 1], got {self.abstain_threshold}"
@@ -235,14 +239,15 @@ class ClassifierConfig:
                               "'float16', 'bfloat16']")
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError("config key 'classifier.model': must be a hub id, a local directory or 'tiny'")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise ConfigError(
-                    f"config key 'classifier.device': {self.device!r} is not a torch device; use auto, cpu or cuda"
-                ) from None
+        check_device_name(self.device, "classifier.device")
         self.attribute_specs()  # validate early, before any model loads
+
+    def check(self) -> None:
+        """What loading this classifier would reject, checked without loading it: the device must exist here, and a
+        local model folder must hold safetensors weights (see :func:`generators.base.check_weights`)."""
+        resolve_device(self.device, "classifier.device")
+        if self.model not in CLASSIFIERS:
+            check_weights(self.model, "classifier.model", self.allow_pickle, marker="config.json")
 
     def attribute_specs(self) -> dict[str, AttributeSpec]:
         """The resolved attributes, in order.
@@ -340,7 +345,7 @@ def lab_clip(seed: int = 0):
     path = WEIGHTS / "clip"
     if not path.is_dir():
         raise ConfigError(missing_world(path))
-    return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
+    return CLIPModel.from_pretrained(path, use_safetensors=True).eval(), CLIPProcessor.from_pretrained(path)
 
 
 def _pooled(out: Any) -> torch.Tensor:
@@ -418,7 +423,7 @@ class ClipClassifier:
                     f"config key 'classifier.model': {type(model).__name__} has no {method}; "
                     "use a CLIP-like dual encoder (CLIP, SigLIP)"
                 )
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, "classifier.device")
         self.dtype_name = resolve_dtype(config.dtype, self.device, "classifier.dtype")
         self.dtype = getattr(torch, self.dtype_name)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -604,9 +609,12 @@ def _load_model(config: ClassifierConfig, dtype: str):
         return CLASSIFIERS.get(config.model)(seed=config.seed)
     from transformers import AutoModel, AutoProcessor
 
+    config.check()
     kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
     try:
-        model = AutoModel.from_pretrained(config.model, dtype=getattr(torch, dtype), **kwargs)
+        # Safetensors only unless pickles are allowed: a hub repo with only pickled weights then fails to load.
+        model = AutoModel.from_pretrained(config.model, dtype=getattr(torch, dtype),
+                                          use_safetensors=None if config.allow_pickle else True, **kwargs)
         processor = AutoProcessor.from_pretrained(config.model, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

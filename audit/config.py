@@ -7,14 +7,17 @@ the sections of the later stages (synth, train, locate), so one YAML file drives
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterable, Literal, Mapping, Sequence
 
 from audit.card import CardConfig
 from audit.classify import ClassifierConfig
 from audit.faces import FaceConfig
 from audit.prompts import PromptConfig
-from generators.base import GeneratorConfig
-from generators.config import ConfigError, option
+from generators.base import MAX_SEED, GeneratorConfig, check_range
+from generators.config import ConfigError, UserError, did_you_mean, option
+
+MAX_IMAGES_PER_PROMPT = 1_000_000  # a typo beyond this would materialise billions of seeds before failing
+MAX_BOOT = 1_000_000
 
 
 @dataclass
@@ -29,8 +32,9 @@ class MetricsConfig:
     n_boot: int = option(1000, help="bootstrap replicates of every interval (mean RD: prompts, then images within "
                                     "prompts; CLIP score: prompts)")
     seed: int = option(0, help="bootstrap seed")
-    joint: list[list[str]] = option(
-        default_factory=lambda: [["gender", "race"]], help="attribute pairs also measured jointly (8 gender x race cells)"
+    joint: list[list[str]] | None = option(
+        None, help="attribute pairs also measured jointly, e.g. [[gender, race]] (8 cells); default: gender x race "
+                   "when the classifier has both"
     )
     calibration: str | None = option(
         None, help="calibration.json from `debias calibrate`: adds confusion-corrected shares"
@@ -40,11 +44,59 @@ class MetricsConfig:
     def __post_init__(self):
         if not 0 < self.alpha < 1:
             raise ConfigError(f"config key 'metrics.alpha': must be in (0, 1), got {self.alpha}")
-        if self.n_boot < 1:
-            raise ConfigError(f"config key 'metrics.n_boot': must be >= 1, got {self.n_boot}")
+        check_range("metrics.n_boot", self.n_boot, 1, MAX_BOOT)
+        for i, pair in enumerate(self.joint or []):
+            if len(pair) != 2 or pair[0] == pair[1]:
+                raise ConfigError(f"config key 'metrics.joint[{i}]': expected two different attribute names, "
+                                  f"got {pair}")
+
+    def joint_pairs(self, attributes: Iterable[str]) -> list[tuple[str, str]]:
+        """The attribute pairs measured jointly, given the classifier's attributes.
+
+        Raises:
+            ConfigError: for a pair in ``metrics.joint`` naming an attribute the classifier does not have (the
+                default pair is left out instead when the classifier lacks gender or race).
+        """
+        names = list(attributes)
+        if self.joint is None:
+            return [("gender", "race")] if {"gender", "race"} <= set(names) else []
         for i, pair in enumerate(self.joint):
-            if len(pair) != 2:
-                raise ConfigError(f"config key 'metrics.joint[{i}]': expected two attribute names, got {pair}")
+            for name in pair:
+                if name not in names:
+                    raise ConfigError(f"config key 'metrics.joint[{i}]': the classifier has no attribute {name!r}"
+                                      f"{did_you_mean(name, names)}; its attributes: {', '.join(names)}")
+        return [(a, b) for a, b in self.joint]
+
+    def check(self, classes: Mapping[str, Sequence[str]]) -> None:
+        """Check the settings that depend on the classifier's attributes (``classes``: attribute -> class names)
+        before anything is sampled: joint pairs, target shares (one per class, >= 0, summing to 1) and the
+        calibration file (readable, with the same classes).
+
+        Raises:
+            ConfigError / UserError: naming the key, the bad value and the fix.
+        """
+        from audit.calibrate import load_calibration
+
+        sizes = {name: len(c) for name, c in classes.items()}
+        for a, b in self.joint_pairs(classes):
+            sizes[f"{a}_{b}"] = sizes[a] * sizes[b]
+        for name, shares in self.target.items():
+            key = f"metrics.target.{name}"
+            if name not in sizes:
+                raise ConfigError(f"config key '{key}': the classifier has no attribute {name!r}"
+                                  f"{did_you_mean(name, sizes)}; attributes: {', '.join(sizes)}")
+            if len(shares) != sizes[name]:
+                listed = classes.get(name) or f"{sizes[name]} joint cells"
+                raise ConfigError(f"config key '{key}': has {len(shares)} shares but the classifier has "
+                                  f"{sizes[name]} classes ({listed}); give one share per class")
+            if min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+                raise ConfigError(f"config key '{key}': shares must be >= 0 and sum to 1, got {shares} (sum "
+                                  f"{sum(shares):g})")
+        if self.calibration:
+            try:
+                load_calibration(self.calibration, classes=classes)
+            except UserError as err:  # it names the file; the key tells where it came from
+                raise ConfigError(f"config key 'metrics.calibration': {err}") from None
 
 
 @dataclass
@@ -69,8 +121,34 @@ class AuditConfig:
     def __post_init__(self):
         if self.images_per_prompt < 1:
             raise ConfigError(f"config key 'images_per_prompt': must be a positive integer, got {self.images_per_prompt}")
-        if self.seed_offset < 0:
-            raise ConfigError(f"config key 'seed_offset': must be >= 0, got {self.seed_offset}")
+        check_range("images_per_prompt", self.images_per_prompt, 1, MAX_IMAGES_PER_PROMPT)
+        check_range("seed_offset", self.seed_offset, 0, MAX_SEED - self.images_per_prompt + 1)
+
+    def check(self, images: bool = False, generator: bool = True) -> list[str]:
+        """Everything the audit would reject, checked before any model loads or any folder is written.
+
+        The generator's settings, device, model folder and adapter (:func:`generators.backends.check_generator_config`;
+        skipped for an audit of an image folder, ``images``, and for a generator the caller already loaded,
+        ``generator=False``), the prompts and every file they name, the classifier's
+        device and weights, the metrics that depend on the classifier's classes (targets, joint pairs, the
+        calibration file) and the card's inputs. ``debias config --check`` runs exactly this.
+
+        Returns:
+            The prompts to audit (none for an image folder: it brings its own).
+
+        Raises:
+            ConfigError / UserError: naming the key or file, the bad value and the fix.
+        """
+        from audit.card import validate_card_inputs
+        from generators.backends import check_generator_config
+
+        if generator and not images:
+            check_generator_config(self.generator)
+        prompts = [] if images else self.prompts.neutral_prompts()  # an image folder brings its own prompts
+        self.classifier.check()
+        self.metrics.check({name: spec.classes for name, spec in self.classifier.attribute_specs().items()})
+        validate_card_inputs(self.card, has_generator=not images)
+        return prompts
 
     @property
     def seeds(self) -> list[int]:

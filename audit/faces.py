@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from generators.base import model_provenance
+from generators.base import MAX_IMAGE_SIDE, check_range, model_provenance
 from generators.config import ConfigError, UserError, from_dict, option
 from generators.registry import Registry
 
@@ -101,14 +101,12 @@ class FaceConfig:
             DETECTORS.get(self.detector)  # raises the "unknown face detector ...; did you mean" error
         if not (math.isfinite(self.margin) and self.margin >= 0):
             raise ConfigError(f"config key 'faces.margin': must be a number >= 0, got {self.margin}")
-        if self.output_size < 1:
-            raise ConfigError(f"config key 'faces.output_size': must be >= 1, got {self.output_size}")
+        check_range("faces.output_size", self.output_size, 1, MAX_IMAGE_SIDE)
         if not 0 <= self.min_face_fraction < 1:
             raise ConfigError(
                 f"config key 'faces.min_face_fraction': must be in [0, 1), got {self.min_face_fraction}"
             )
-        if self.upscale_to < 0:
-            raise ConfigError(f"config key 'faces.upscale_to': must be >= 0, got {self.upscale_to}")
+        check_range("faces.upscale_to", self.upscale_to, 0, MAX_IMAGE_SIDE)
         if self.pad not in ("edge", "black"):
             raise ConfigError(f"config key 'faces.pad': {self.pad!r} is not one of ['edge', 'black']")
 

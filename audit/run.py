@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from audit.config import AuditConfig, MetricsConfig
-from audit.store import RunStore, atomic_write_json, check_writable, content_key
+from audit.store import RunStore, atomic_write_json, check_writable, content_key, read_json, remove_orphans, say
 from generators.base import GeneratedImage
 from generators.config import ConfigError, UserError, to_dict
 
@@ -30,7 +30,11 @@ def _hash(obj: Any) -> str:
 
 @dataclass
 class StageCache:
-    """Per-image results of one stage in one JSON file, rewritten atomically after each batch."""
+    """Per-image results of one stage in one JSON file, rewritten atomically after each batch.
+
+    A cache file that cannot be read (truncated by a crash, edited by hand) is recomputed, never trusted, and
+    temporary files of killed writers are removed when a cache opens.
+    """
 
     path: Path
     data: dict[str, Any] = field(default_factory=dict)
@@ -38,7 +42,15 @@ class StageCache:
     @classmethod
     def open(cls, root: Path, stage: str, identity: Any) -> "StageCache":
         path = root / "stages" / f"{stage}-{_hash(identity)}.json"
-        data = json.loads(path.read_text())["results"] if path.is_file() else {}
+        if path.parent.is_dir():
+            remove_orphans(path.parent)
+        data = {}
+        if path.is_file():
+            saved = read_json(path)
+            if isinstance(saved, dict) and isinstance(saved.get("results"), dict):
+                data = saved["results"]
+            else:
+                say(f"stage cache '{path}' is unreadable (truncated or edited); recomputing the {stage} stage")
         cache = cls(path, data)
         cache.identity = identity
         return cache
@@ -50,56 +62,165 @@ class StageCache:
         atomic_write_json(self.path, {"identity": self.identity, "results": self.data})
 
 
-def import_images(images_dir: str | Path, store: RunStore) -> tuple[list[str], list[str]]:
-    """Copy pre-generated images into the run store (closed models): one sub-folder per prompt, or a manifest.
+@dataclass
+class ImportRow:
+    """One image of an ``--images`` folder, checked: its file inside the folder, its prompt and seed."""
+
+    file: str  # as listed, relative to the folder
+    path: Path  # resolved
+    prompt: str
+    seed: int
+
+
+def _manifest_rows(path: Path) -> list[tuple[str, Any]]:
+    """``(where, row)`` per line of ``manifest.jsonl`` / row of ``manifest.csv``; raises naming the line."""
+    import csv
+    import io
+
+    name = f"--images manifest '{path}'"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{name} is not UTF-8 text (byte at offset {err.start}); save it as UTF-8") from None
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames or not {"file", "prompt"} <= set(reader.fieldnames):
+            raise UserError(f"{name}: the header must name 'file' and 'prompt' columns (and optionally 'seed'), got "
+                            f"{reader.fieldnames}")
+        return [(f"{name} row {i}", {k: v for k, v in row.items() if not (k == "seed" and v in ("", None))})
+                for i, row in enumerate(reader, start=2)]
+    rows = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise UserError(f"{name} line {i} is not JSON ({str(err).split(':')[0]}): {line.strip()[:60]!r}; write "
+                            'one JSON object per line (JSON Lines), e.g. {"file": "a.png", "prompt": "..."}') from None
+        rows.append((f"{name} line {i}", row))
+    return rows
+
+
+def _check_image(path: Path, where: str) -> None:
+    """Decode ``path`` once, so a truncated or fake image or a decompression bomb stops the import before any
+    output is written."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise UserError(f"{where}: '{path}' has more than {Image.MAX_IMAGE_PIXELS} pixels (the decompression-bomb "
+                        "limit); resize it") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"{where}: '{path}' is not a readable image ({str(err).strip() or type(err).__name__}); "
+                        "replace or remove it") from None
+
+
+def read_images_dir(images_dir: str | Path) -> list[ImportRow]:
+    """Read and check a folder of pre-generated images (closed models) without writing anything.
 
     Layouts:
         ``DIR/manifest.jsonl`` (or ``.csv``) with ``file``, ``prompt`` and optional ``seed`` per image, paths
-        relative to DIR; otherwise ``DIR/<prompt>/*.png``, the folder name being the prompt text.
+        relative to DIR; otherwise ``DIR/<prompt>/*.png``, the folder name being the prompt text. A row without a
+        seed takes the next seed of its prompt (0, 1, ...).
 
-    Returns:
-        ``(prompts, keys)`` in prompt order.
+    Raises:
+        UserError: naming the folder, the line or file and the fix: a malformed manifest line, a missing column, a
+            prompt that is not text, a seed that is not an integer in [0, 2^63), a file that does not exist or lies
+            outside the folder, a (prompt, seed) or a file listed twice, and an image that does not decode (truncated,
+            not an image, above PIL's decompression-bomb limit).
     """
-    import csv
-
-    from PIL import Image
+    from generators.base import MAX_SEED
 
     root = Path(images_dir)
     if not root.is_dir():
         raise UserError(f"--images '{root}' is not a directory; pass a folder with one sub-folder per prompt "
                         "or a manifest.jsonl")
-    rows: list[dict] = []
-    if (root / "manifest.jsonl").is_file():
-        rows = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines() if line.strip()]
-    elif (root / "manifest.csv").is_file():
-        with open(root / "manifest.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+    base = root.resolve()
+    listed: list[tuple[str, Any]] = []
+    manifest = next((root / m for m in ("manifest.jsonl", "manifest.csv") if (root / m).is_file()), None)
+    if manifest is not None:
+        listed = _manifest_rows(manifest)
     else:
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
             files = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            rows += [{"file": str(p.relative_to(root)), "prompt": sub.name, "seed": i} for i, p in enumerate(files)]
-    if not rows:
+            listed += [(f"--images '{root}'", {"file": str(p.relative_to(root)), "prompt": sub.name, "seed": i})
+                       for i, p in enumerate(files)]
+    if not listed:
         raise UserError(f"--images '{root}': found no images; put them in one sub-folder per prompt "
                         "(the folder name is the prompt) or list them in manifest.jsonl")
-    for i, row in enumerate(rows):
+    rows: list[ImportRow] = []
+    next_seed: dict[str, int] = {}
+    seen_keys: dict[tuple[str, int], str] = {}
+    seen_files: dict[Path, str] = {}
+    for where, row in listed:
+        if not isinstance(row, dict):
+            raise UserError(f"{where}: expected a JSON object with 'file' and 'prompt', got a "
+                            f"{type(row).__name__}; write one object per line (JSON Lines), not a JSON array")
         if "file" not in row or "prompt" not in row:
-            raise UserError(f"--images manifest row {i + 1}: needs 'file' and 'prompt', got {sorted(row)}")
-        if not (root / row["file"]).is_file():
-            raise UserError(f"--images manifest row {i + 1}: file '{row['file']}' does not exist under '{root}'")
-    identity = {"backend": "external", "source": str(root.resolve())}
-    prompts, keys = [], []
-    per_prompt: dict[str, int] = {}
-    for row in rows:
-        seed = int(row.get("seed", per_prompt.get(row["prompt"], 0)))
-        per_prompt[row["prompt"]] = seed + 1
-        key = content_key(identity, row["prompt"], seed)
-        if not store.has(key):
-            with Image.open(root / row["file"]) as im:
-                store.put(GeneratedImage(prompt=row["prompt"], seed=seed, image=im.convert("RGB")), identity,
-                          source=row["file"])
-        prompts.append(row["prompt"])
-        keys.append(key)
-    return list(dict.fromkeys(prompts)), keys
+            raise UserError(f"{where}: needs 'file' and 'prompt', got {sorted(row)}")
+        file, prompt = row["file"], row["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(f"{where}: 'prompt' must be non-empty text, got {prompt!r}")
+        if not isinstance(file, str) or not file.strip():
+            raise UserError(f"{where}: 'file' must be a path relative to '{root}', got {file!r}")
+        seed = row.get("seed", next_seed.get(prompt, 0))
+        if isinstance(seed, str) and seed.strip().isdigit():
+            seed = int(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise UserError(f"{where}: 'seed' must be an integer in [0, {MAX_SEED}], got {seed!r}")
+        next_seed[prompt] = seed + 1
+        path = (root / file).resolve()
+        if not path.is_relative_to(base):
+            raise UserError(f"{where}: file '{file}' lies outside the images folder '{root}'; copy it into the "
+                            "folder and list it relative to it")
+        if not path.is_file():
+            raise UserError(f"{where}: file '{file}' does not exist under '{root}'")
+        if (prompt, seed) in seen_keys:
+            raise UserError(f"{where}: prompt {prompt!r} with seed {seed} is listed twice (also {seen_keys[prompt, seed]}"
+                            "); give each image its own seed, or drop the seed column to number them in order")
+        if path in seen_files:
+            raise UserError(f"{where}: file '{file}' is listed twice (also {seen_files[path]}); list each image once")
+        seen_keys[prompt, seed] = seen_files[path] = where
+        _check_image(path, where)
+        rows.append(ImportRow(file=file, path=path, prompt=prompt, seed=seed))
+    return rows
+
+
+def import_images(images_dir: str | Path, store: RunStore,
+                  rows: Sequence[ImportRow] | None = None) -> tuple[list[str], list[str]]:
+    """Copy pre-generated images into the run store (closed models); see :func:`read_images_dir` for the layouts.
+
+    Args:
+        images_dir: The folder.
+        store: The run store.
+        rows: The folder's rows, when :func:`read_images_dir` already read them.
+
+    Returns:
+        ``(prompts, keys)`` in prompt order. An image already imported is copied again only when its stored copy
+        fails verification (say so on stderr).
+    """
+    from PIL import Image
+
+    rows = read_images_dir(images_dir) if rows is None else rows
+    identity = {"backend": "external", "source": str(Path(images_dir).resolve())}
+    keys = [content_key(identity, r.prompt, r.seed) for r in rows]
+    damaged = store.damaged(keys)
+    if damaged:
+        say(f"run store '{store.root}': {len(damaged)} imported image(s) failed verification; copying them again")
+    store.clean()
+    for row, key in zip(rows, keys):
+        if key in damaged or not store.has(key):
+            with Image.open(row.path) as im:
+                store.put(GeneratedImage(prompt=row.prompt, seed=row.seed, image=im.convert("RGB")), identity,
+                          source=row.file)
+    return list(dict.fromkeys(r.prompt for r in rows)), keys
 
 
 def classify_store(store: RunStore, records: list[dict], faces_config, classifier, batch_size: int = 64,
@@ -162,10 +283,9 @@ def compute_metrics(prompts: list[str], records: list[dict], rows: dict[str, dic
     for name, classes in specs.items():
         attr_probs[name] = [np.array([row["probs"][name] for row in by_prompt[p] if row["probs"]],
                                      dtype=np.float64).reshape(-1, len(classes)) for p in prompts]
-    for a, b in metrics_config.joint:
-        if a in specs and b in specs:
-            specs[f"{a}_{b}"] = joint_classes(specs[a], specs[b])
-            attr_probs[f"{a}_{b}"] = [joint_probs(pa, pb) for pa, pb in zip(attr_probs[a], attr_probs[b])]
+    for a, b in metrics_config.joint_pairs(list(specs)):
+        specs[f"{a}_{b}"] = joint_classes(specs[a], specs[b])
+        attr_probs[f"{a}_{b}"] = [joint_probs(pa, pb) for pa, pb in zip(attr_probs[a], attr_probs[b])]
     out: dict[str, Any] = {}
     for name, classes in specs.items():
         target = metrics_config.target.get(name)
@@ -231,19 +351,20 @@ def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | Non
     revision, dtype, device and variant), the same as ``run.json``. Images the pipeline's safety checker flagged are
     left out of the shares; ``metrics["nsfw"]`` has their rate per prompt and overall (:func:`nsfw_summary`).
     """
-    from audit.card import validate_card_inputs
     from audit.classify import ClipClassifier
     from audit.sample import run_sample, run_settings, write_run_metadata
 
     out = check_writable(out)
     card_config = config.card
-    validate_card_inputs(card_config, has_generator=images_dir is None)
+    # Every input first (config, files it names, the image folder): bad input fails before any model loads or any
+    # folder is written.
+    config.check(images=images_dir is not None, generator=generator is None)
+    rows = read_images_dir(images_dir) if images_dir is not None else None
     classifier = classifier or ClipClassifier(config.classifier)
     if images_dir is None and generator is None:
-        # Load the generator here (after validating the prompts, as run_sample would) so the card can reuse it.
+        # Load the generator here so the card can reuse it.
         from generators.backends import load_generator
 
-        config.prompts.neutral_prompts()
         generator = load_generator(config.generator)
     from audit.faces import load_detector
 
@@ -251,7 +372,7 @@ def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | Non
     if images_dir is not None:
         out.mkdir(parents=True, exist_ok=True)
         store = RunStore(out)
-        prompts, keys = import_images(images_dir, store)
+        prompts, keys = import_images(images_dir, store, rows)
         records = store.records(keys)
         counts = {p: 0 for p in prompts}
         for r in records:

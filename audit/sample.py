@@ -9,7 +9,6 @@ shares a batch with fewer neighbours in one run than in another.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -18,7 +17,9 @@ from typing import Any, Sequence
 
 import yaml
 
-from audit.store import RunStore, atomic_write_bytes, atomic_write_json, check_writable, content_key, environment
+from audit.store import (
+    RunStore, atomic_write_bytes, atomic_write_json, check_writable, content_key, environment, read_json, say,
+)
 from generators.backends import load_generator
 from generators.base import Generator
 from generators.config import to_dict
@@ -78,9 +79,15 @@ def run_settings(generator: Generator | None, counts: dict[str, int], seeds: Seq
 
 def write_run_metadata(out: Path, config: Any, command: str, stage: str, extra: dict | None = None,
                        settings: dict | None = None) -> None:
-    """Record the config, the resolved run ``settings``, versions and git revision; keeps earlier stages."""
+    """Record the config, the resolved run ``settings``, versions and git revision; keeps earlier stages.
+
+    An unreadable ``run.json`` (truncated by a crash) is rebuilt: it only describes the run, the results live beside it.
+    """
     meta_path = out / "run.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"stages": {}}
+    meta = read_json(meta_path) if meta_path.is_file() else {"stages": {}}
+    if not isinstance(meta, dict) or not isinstance(meta.get("stages"), dict):
+        say(f"{meta_path} was unreadable (truncated or edited); rewriting it (earlier stages' entries are lost)")
+        meta = {"stages": {}}
     meta.update({"config": to_dict(config), "environment": environment()})
     if settings is not None:
         meta["settings"] = settings
@@ -92,8 +99,9 @@ def write_run_metadata(out: Path, config: Any, command: str, stage: str, extra: 
 def run_sample(config, out: str | Path, progress: bool = True, generator=None) -> tuple[RunStore, list[str]]:
     """Stage 1 of every audit: sample ``config.images_per_prompt`` images per prompt into ``out``.
 
-    Validates the config and the output directory and loads the model before creating anything, so bad input
-    leaves nothing behind. Re-running skips existing images; more seeds sample only the new ones.
+    Validates the config (:meth:`audit.config.AuditConfig.check`) and the output directory and loads the model
+    before creating anything, so bad input leaves nothing behind. Re-running skips existing images; more seeds
+    sample only the new ones; stored images that fail verification are regenerated.
 
     Args:
         config: An :class:`audit.config.AuditConfig` (or a config extending it).
@@ -106,7 +114,7 @@ def run_sample(config, out: str | Path, progress: bool = True, generator=None) -
         run settings (:func:`run_settings`) are recorded in ``run.json``.
     """
     out = check_writable(out)
-    prompts = config.prompts.neutral_prompts()
+    prompts = config.check(generator=generator is None)
     generator = generator or load_generator(config.generator)
     rank, world, is_main, barrier = distributed_state()
     out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +147,8 @@ def sample_to_store(
     and follow :func:`seed_blocks`, so the images do not depend on how many processes ran or when a run resumed.
     Unless the generator is ``batch_invariant``, every batch is a whole block (``batch_size`` consecutive seeds from
     a multiple of it): only the requested images are stored, the rest is the price of images that do not change
-    when the run is extended later.
+    when the run is extended later. A stored image whose record is unreadable or whose PNG does not match its
+    recorded size and hash is regenerated (one line on stderr says how many).
     """
     from tqdm.auto import tqdm
 
@@ -147,13 +156,23 @@ def sample_to_store(
     keys = [content_key(identity, p, s) for p in prompts for s in seeds]
     size = generator.config.batch_size
     whole = not generator.batch_invariant
-    todo = []
+    store.clean()
+    todo, damaged = [], []
     for i, prompt in enumerate(prompts):
         if i % num_processes != process_index:
             continue
         for block in seed_blocks(seeds, size):
-            if not all(store.has(content_key(identity, prompt, s)) for s in block):
+            block_keys = [content_key(identity, prompt, s) for s in block]
+            bad = store.damaged(block_keys)
+            damaged += bad
+            if bad or not all(store.has(k) for k in block_keys):
                 todo.append((prompt, block))
+    if damaged:
+        say(f"run store '{store.root}': {len(damaged)} stored image(s) failed verification (unreadable record, or "
+            f"PNG missing, truncated or changed), e.g. {store.image_path(damaged[0]).relative_to(store.root)}; "
+            "regenerating them (same seeds, same bytes)")
+    recorded = {k: (store.record(k) or {}).get("sha256") for k in damaged}
+    changed = 0
     bar = tqdm(total=sum(len(b) for _, b in todo), desc="sampling", unit="img", disable=not progress,
                dynamic_ncols=True)
     for prompt, block in todo:
@@ -164,8 +183,13 @@ def sample_to_store(
         per_image = (time.perf_counter() - t0) / len(batch)
         wanted = set(block)
         for item in items:
-            if item.seed in wanted and not store.has(content_key(identity, item.prompt, item.seed)):
-                store.put(item, identity, seconds=round(per_image, 4))
+            key = content_key(identity, item.prompt, item.seed)
+            if item.seed in wanted and (key in recorded or not store.has(key)):
+                rec = store.put(item, identity, seconds=round(per_image, 4))
+                changed += recorded.get(key) not in (None, rec["sha256"])
         bar.update(len(block))
     bar.close()
+    if changed:
+        say(f"run store '{store.root}': {changed} regenerated image(s) differ from their recorded hash (the backend "
+            "is not deterministic here); results cached for them describe the earlier bytes")
     return keys

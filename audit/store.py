@@ -10,6 +10,10 @@ Layout::
 
 Every file is written to a temporary name and renamed into place, so a run killed at any moment (SIGKILL included)
 leaves either a complete record or none; a PNG without a record is simply regenerated (with identical bytes).
+
+Stored bytes are verified when they are used: a record holds the PNG's size and SHA-256, and an image whose record
+is unreadable or whose PNG is missing, truncated or changed counts as missing, so the sampler regenerates it (the
+same seed gives the same bytes) and says so. Temporary files left by a killed process are removed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -39,6 +44,56 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def remove_orphans(folder: str | Path, pattern: str = ".*.tmp") -> int:
+    """Delete the temporary files (``.NAME.PID.tmp``, from :func:`atomic_write_bytes`) that killed processes left in
+    ``folder``; files of processes still running are kept. Returns how many were removed."""
+    removed = 0
+    for tmp in Path(folder).glob(pattern):
+        pid = tmp.name.rsplit(".", 2)[-2] if tmp.name.count(".") >= 3 else ""
+        if pid.isdigit() and _running(int(pid)):
+            continue
+        try:
+            tmp.unlink()
+            removed += 1
+        except OSError:  # removed meanwhile, or not ours to remove
+            pass
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The JSON in ``path``, or None when it is missing, truncated or otherwise unreadable (a killed writer or a
+    damaged disk): callers treat that as "not there yet" and rebuild it."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def say(message: str) -> None:
+    """One line of news about the run folder on stderr (repairs, reuse), apart from the progress bars."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def crash_point(name: str) -> None:
+    """Exit at once, as a SIGKILL would, when ``DEBIAS_CRASH_AT`` names this point: tests of kill-safety stop a
+    process at an exact moment (inside a checkpoint save, between two probes) instead of on a lucky timer."""
+    if os.environ.get("DEBIAS_CRASH_AT") == name:
+        sys.stderr.flush()
+        os._exit(137)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -107,8 +162,31 @@ class RunStore:
     def record_path(self, key: str) -> Path:
         return self.samples / "records" / f"{key}.json"
 
+    def record(self, key: str) -> dict | None:
+        """The record of ``key``, or None when it is missing or unreadable (a truncated record counts as missing)."""
+        rec = read_json(self.record_path(key))
+        return rec if isinstance(rec, dict) and rec.get("key") == key and "file" in rec and "sha256" in rec else None
+
     def has(self, key: str) -> bool:
-        return self.record_path(key).is_file() and self.image_path(key).is_file()
+        """Whether ``key`` has a readable record and a PNG of the recorded size (cheap; :meth:`intact` hashes)."""
+        rec = self.record(key)
+        return rec is not None and self._size_ok(rec)
+
+    def intact(self, key: str) -> bool:
+        """Whether ``key`` has a readable record and a PNG with the recorded size and SHA-256."""
+        rec = self.record(key)
+        return rec is not None and self.verify(rec)
+
+    def damaged(self, keys: Iterable[str]) -> list[str]:
+        """Keys with a committed record that is unreadable, or whose PNG is missing or not the recorded bytes:
+        regenerate them. (A PNG without a record is an uncommitted write of a killed run, not damage.)"""
+        return [k for k in keys if self.record_path(k).exists() and not self.intact(k)]
+
+    def clean(self) -> None:
+        """Remove temporary files that killed writers left in the store."""
+        for folder in (self.samples / "records", *sorted((self.samples / "images").glob("??"))):
+            if folder.is_dir():
+                remove_orphans(folder)
 
     def put(self, item: GeneratedImage, identity: dict, **extra: Any) -> dict:
         """Store one generated image and its record (PNG first, then the record, both atomic)."""
@@ -118,29 +196,40 @@ class RunStore:
         record = {
             "key": key, "prompt": item.prompt, "seed": item.seed, "generator": identity,
             "file": self.image_path(key).relative_to(self.root).as_posix(),
-            "sha256": hashlib.sha256(data).hexdigest(), "width": item.image.width, "height": item.image.height,
-            "tokens": item.tokens, "nsfw_content_detected": item.nsfw, **extra,
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "width": item.image.width,
+            "height": item.image.height, "tokens": item.tokens, "nsfw_content_detected": item.nsfw, **extra,
         }
         atomic_write_json(self.record_path(key), record)
         return record
 
     def get(self, key: str) -> dict:
-        return json.loads(self.record_path(key).read_text())
+        rec = self.record(key)
+        if rec is None:
+            raise UserError(f"run store '{self.root}': record {key} is missing or unreadable; re-run the command "
+                            "that wrote this folder to regenerate it")
+        return rec
 
     def records(self, keys: Iterable[str] | None = None) -> list[dict]:
-        """Records (all, or those of ``keys`` that exist), sorted by prompt then seed."""
+        """Records (all readable ones, or those of ``keys`` that exist), sorted by prompt then seed."""
         if keys is None:
-            paths = sorted((self.samples / "records").glob("*.json"))
-        else:
-            paths = [self.record_path(k) for k in keys if self.has(k)]
-        out = [json.loads(p.read_text()) for p in paths]
+            keys = [p.stem for p in sorted((self.samples / "records").glob("*.json"))]
+        out = [r for r in (self.record(k) for k in keys) if r is not None and self._size_ok(r)]
         return sorted(out, key=lambda r: (r["prompt"], r["seed"]))
 
     def image(self, record: dict) -> Image.Image:
         with Image.open(self.root / record["file"]) as im:
             return im.convert("RGB")
 
-    def verify(self, record: dict) -> bool:
-        """True if the record's PNG exists and has the recorded hash."""
+    def _size_ok(self, record: dict) -> bool:
         path = self.root / record["file"]
-        return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == record["sha256"]
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return False
+        return record.get("bytes") is None or size == record["bytes"]
+
+    def verify(self, record: dict) -> bool:
+        """True if the record's PNG exists and has the recorded size and hash."""
+        if not self._size_ok(record):
+            return False
+        return hashlib.sha256((self.root / record["file"]).read_bytes()).hexdigest() == record["sha256"]

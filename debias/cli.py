@@ -150,13 +150,10 @@ def _compare(args) -> None:
 
 
 def _locate(args) -> None:
-    import json
-    from pathlib import Path
-
-    from debias.locate.run import run_locate
+    from debias.locate.run import read_audit, run_locate
 
     config = _experiment(args)
-    audit = json.loads((Path(args.audit) / "metrics.json").read_text()) if args.audit else None
+    audit = read_audit(args.audit, "--audit") if args.audit else None
     result = run_locate(config, config.locate, args.out, audit_metrics=audit)
     for line in result.get("summary", {}).get("lines", []):
         print(line)
@@ -168,7 +165,9 @@ def _train(args) -> None:
     from generators.config import to_dict
 
     # `--set method=sft` means train.method: the train section's keys may drop their prefix here.
-    main_train(to_dict(_experiment(args, bare="train")), args.out)
+    config = _experiment(args, bare="train")
+    config.check()  # the experiment's inputs, as every command checks them, before training plans its own
+    main_train(to_dict(config), args.out)
 
 
 def _demo(args) -> None:
@@ -183,10 +182,11 @@ def _demo(args) -> None:
     print(f"HTML report: {args.out}/index.html")
 
 
-def _lab_build(args) -> None:
+def _lab_build(args) -> int:
     from debias.lab.build import main as build_main
 
-    build_main(["--out", args.out, *(["--quick"] if args.quick else [])])
+    # The builder prints its own one-line error; its exit code is the command's.
+    return build_main(["--out", args.out, *(["--quick"] if args.quick else [])])
 
 
 def _methods(args) -> None:
@@ -221,7 +221,8 @@ def _config(args) -> None:
     from generators.config import explain
 
     if args.check:
-        load_config(args.check, _overrides(args))
+        # The same checks as `debias audit` runs before it loads anything: the two never disagree.
+        load_config(args.check, _overrides(args)).check()
         print(f"{args.check}: ok")
     else:
         print("\n".join(explain(ExperimentConfig)))
@@ -352,20 +353,31 @@ def _quiet_libraries() -> None:
     import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
-    try:
-        args.func(args)
-    except UserError as err:
-        print(f"debias {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    # Library warnings are held back while the command runs: on bad input the error is the only line on stderr;
+    # otherwise they are shown once, after the command's own output.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            rc = args.func(args)
+        except UserError as err:
+            print(f"debias {args.command}: error: {err}", file=sys.stderr)
+            return 2
+    if rc:
+        return rc
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return 0
 
 

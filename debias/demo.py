@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +80,18 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
     from audit.compare import run_compare
     from audit.run import run_audit
     from generators.lab import planted
-    from debias.locate.run import run_locate
+    from debias.locate.run import check_locate, run_locate
     from debias.share import write_model_card
-    from debias.synth import run_synth
+    from debias.synth import check_synth, run_synth
     from debias.train.run import run_train
     from generators.backends import load_generator
 
     out = check_writable(out)
     config = load_config(config_path, {"images_per_prompt": images_per_prompt, **(overrides or {})})
+    # Every stage's input before the first model loads (the swap's tuned model comes from training).
+    config.check()
+    check_synth(config)
+    check_locate(config, replace(config.locate, probes=[p for p in config.locate.probes if p != "swap"]))
     single_thread()
     world = planted(config.generator.model)
     occupations = config.prompts.occupation_list()

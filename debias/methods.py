@@ -29,12 +29,14 @@ def run_methods(out: str | Path, methods: Sequence[str] = METHOD_NAMES, config_p
     """
     from audit.classify import ClipClassifier
     from audit.run import run_audit
-    from debias.synth import run_synth
+    from debias.synth import check_synth, run_synth
     from debias.train.run import run_train
     from generators.backends import load_generator
 
     out = check_writable(out)
     config = load_config(config_path, overrides)
+    config.check()  # every input before the first model loads
+    check_synth(config)
     single_thread()
     generator = load_generator(config.generator)
     classifier = ClipClassifier(config.classifier)

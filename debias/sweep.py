@@ -7,6 +7,7 @@ audits record their scale and this sweep makes the dependence one command.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,13 +25,20 @@ def run_guidance_sweep(config, out: str | Path, scales: Sequence[float], progres
     from audit.run import run_audit
 
     out = check_writable(out)
+    for s in scales:
+        if not math.isfinite(s):
+            raise UserError(f"--guidance: {s} is not a finite number; use a finite number >= 1 for each scale")
     if not scales or any(s < 1 for s in scales):
         raise UserError(f"--guidance: give one or more scales >= 1 (1 disables guidance), got {list(scales)}")
-    classifier = classifier or ClipClassifier(config.classifier)
-    rows = []
+    configs = []
     for scale in scales:
         cfg = copy.deepcopy(config)
         cfg.generator.sampling = {**cfg.generator.sampling, "guidance_scale": float(scale)}
+        cfg.check()  # every scale's config, before the first audit starts
+        configs.append(cfg)
+    classifier = classifier or ClipClassifier(config.classifier)
+    rows = []
+    for scale, cfg in zip(scales, configs):
         metrics = run_audit(cfg, out / f"g{scale:g}", progress=progress, classifier=classifier)
         row: dict[str, Any] = {"guidance_scale": float(scale)}
         for name, block in metrics["attributes"].items():

@@ -19,9 +19,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from audit.config import MAX_IMAGES_PER_PROMPT
 from audit.prompts import PromptConfig, explicit_prompt, groups
 from audit.sample import sample_to_store
 from audit.store import RunStore, atomic_write_json, check_writable
+from generators.base import MAX_SEED, check_range
 from generators.config import ConfigError, UserError, option
 
 
@@ -53,8 +55,10 @@ class SynthConfig:
     def __post_init__(self):
         if self.per_cell < 1:
             raise ConfigError(f"config key 'synth.per_cell': must be >= 1, got {self.per_cell}")
-        if self.max_rounds < 1:
-            raise ConfigError(f"config key 'synth.max_rounds': must be >= 1, got {self.max_rounds}")
+        check_range("synth.per_cell", self.per_cell, 1, MAX_IMAGES_PER_PROMPT)
+        check_range("synth.max_rounds", self.max_rounds, 1, 1000)
+        check_range("synth.seed_offset", self.seed_offset, 0,
+                    MAX_SEED - self.per_cell * self.max_rounds + 1)
         if not 0 <= self.min_confidence <= 1:
             raise ConfigError(f"config key 'synth.min_confidence': must be in [0, 1], got {self.min_confidence}")
         k = len(groups(self.attribute))
@@ -105,6 +109,28 @@ def m4_weights(prompt_ids: np.ndarray, group_ids: np.ndarray, n_groups: int, tar
     return w * len(w) / w.sum() if w.sum() > 0 else w
 
 
+def check_synth(config, attributes: dict | None = None) -> list[str]:
+    """Check the ``synth`` section against the classifier (each group a class it has) and the training prompts
+    (each with the word the group words replace), without loading anything; returns the neutral training prompts.
+
+    Args:
+        config: The experiment config.
+        attributes: The classifier's attribute specs (default: from ``config.classifier``).
+    """
+    sc: SynthConfig = config.synth
+    specs = attributes if attributes is not None else config.classifier.attribute_specs()
+    classes = {a: list(spec.classes) for a, spec in specs.items()}
+    for g in groups(sc.attribute):
+        for attr, part in group_parts(g, sc.attribute):
+            if part not in classes.get(attr, []):
+                raise ConfigError(f"config key 'synth.attribute': the classifier has no class '{part}' for '{attr}'; "
+                                  f"its attributes are {sorted(classes)}")
+    neutral = sc.prompts.neutral_prompts()
+    for p in neutral:
+        explicit_prompt(p, "x", sc.prompts.neutral_word)
+    return neutral
+
+
 def run_synth(config, out: str | Path, generator=None, classifier=None, progress: bool = True) -> dict[str, Any]:
     """Build the balanced dataset into ``out``: ``out/dataset`` (HF ``datasets``) and ``out/synth.json``.
 
@@ -126,15 +152,12 @@ def run_synth(config, out: str | Path, generator=None, classifier=None, progress
 
     sc: SynthConfig = config.synth
     out = check_writable(out)
-    neutral = sc.prompts.neutral_prompts()
+    # Every input before any model loads or anything is written.
+    config.check(generator=generator is None)
+    neutral = check_synth(config, classifier.attributes if classifier is not None else None)
     words = groups(sc.attribute)
     classifier = classifier or ClipClassifier(config.classifier)
     class_index = {a: {c: i for i, c in enumerate(spec.classes)} for a, spec in classifier.attributes.items()}
-    for g in words:
-        for attr, part in group_parts(g, sc.attribute):
-            if part not in class_index.get(attr, {}):
-                raise ConfigError(f"config key 'synth.attribute': the classifier has no class '{part}' for '{attr}'; "
-                                  f"its attributes are {sorted(class_index)}")
     generator = generator or load_generator(config.generator)
     out.mkdir(parents=True, exist_ok=True)
     store = RunStore(out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -28,7 +29,7 @@ T = TypeVar("T")
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
-           named: str | None = None) -> Any:
+           named: str | None = None, finite: bool = True) -> Any:
     """Declare a config field with its ``help`` text (shown by ``debias config --explain`` and in errors).
 
     Args:
@@ -37,8 +38,11 @@ def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: An
         named: For a section: the folder of ``configs/`` in which a string value names a shipped YAML file
             (``generator: janus-pro-1b`` reads ``configs/generators/janus-pro-1b.yaml``); a path to a YAML file
             works too.
+        finite: Numbers in the field must be finite (the default). YAML reads ``.nan`` and ``.inf`` as floats, and a
+            NaN guidance scale or temperature gives images that look real but are not; only a field that gives
+            infinity a meaning may set this to False.
     """
-    metadata = {"help": help, **({"named": named} if named else {})}
+    metadata = {"help": help, **({"named": named} if named else {}), **({} if finite else {"finite": False})}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -128,13 +132,44 @@ def read_config(cls: type[T], path: str | Path, overrides: Mapping[str, Any] | N
     return from_dict(cls, apply_overrides(resolve_named(cls, load_yaml(path)), overrides))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one",
+                        key_node.start_mark)
+                if isinstance(key, typing.Hashable):
+                    seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, raising :class:`ConfigError` naming the file on any problem."""
+    """Read a YAML mapping, raising :class:`ConfigError` naming the file on any problem (missing, unreadable, not
+    UTF-8, not YAML, a key given twice, not a mapping)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder; pass the path of a YAML file (see configs/)")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass the path of a YAML file (see configs/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                          f"{err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file '{path}' cannot be read ({err.strerror or err}); check its permissions") \
+            from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     if data is None:
@@ -148,11 +183,32 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp`` and return it (converted where lossless, e.g. int -> float)."""
+def _not_finite(value: Any, key: str) -> ConfigError:
+    return ConfigError(f"config key '{key}': {value!r} is not a finite number; use a finite number")
+
+
+def _check_finite(value: Any, key: str) -> None:
+    """Raise for a NaN or infinite float anywhere inside free-form data (an ``Any`` field, e.g. sampling extras)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _not_finite(value, key)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+
+
+def _coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
+    """Check ``value`` against annotation ``tp`` and return it (converted where lossless, e.g. int -> float).
+
+    With ``finite`` (the default, see :func:`option`) a float must be finite, in free-form (``Any``) data too.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
+        if finite:
+            _check_finite(value, key)
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -160,9 +216,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, finite)
             except ConfigError as err:
                 errors.append(err)
+        if isinstance(value, float) and not math.isfinite(value) and float in args:
+            raise _not_finite(value, key)
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
@@ -180,13 +238,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         item = args[0] if args else Any
-        out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        out = [_coerce(v, item, f"{key}[{i}]", finite) for i, v in enumerate(value)]
         return tuple(out) if (origin is tuple or tp is tuple) else out
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
         vt = args[1] if len(args) == 2 else Any
-        return {k: _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+        return {k: _coerce(v, vt, f"{key}.{k}", finite) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
@@ -198,6 +256,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if finite and not math.isfinite(value):
+            raise _not_finite(value, key)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -236,7 +296,7 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     for name, f in fields.items():
         if name in data:
             value = named_section(f.metadata["named"], data[name]) if f.metadata.get("named") else data[name]
-            kwargs[name] = _coerce(value, hints[name], dotted + name)
+            kwargs[name] = _coerce(value, hints[name], dotted + name, f.metadata.get("finite", True))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"config key '{dotted}{name}' is required: {f.metadata.get('help', '')}")
     try:

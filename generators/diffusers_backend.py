@@ -12,7 +12,10 @@ rate instead of counting black squares as faces not found.
 
 from __future__ import annotations
 
+import inspect
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,9 +25,13 @@ from generators.base import (
     COMPONENTS,
     IMAGE_ENCODERS,
     GeneratedImage,
+    MAX_IMAGE_SIDE,
     GeneratorConfig,
     base_identity,
+    check_adapter,
     check_prompts_and_seeds,
+    check_range,
+    check_weights,
     generator_provenance,
     images_to_tensor,
     parse_settings,
@@ -54,14 +61,77 @@ class DiffusersSettings:
     )
 
     def __post_init__(self):
-        if self.num_inference_steps < 1:
-            raise ConfigError(
-                f"config key 'generator.sampling.num_inference_steps': must be >= 1, got {self.num_inference_steps}"
-            )
+        check_range("generator.sampling.num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
         for key in ("height", "width"):
             v = getattr(self, key)
             if v is not None and (v < 8 or v % 8):
                 raise ConfigError(f"config key 'generator.sampling.{key}': must be a multiple of 8, got {v}")
+            if v is not None:
+                check_range(f"generator.sampling.{key}", v, 8, MAX_IMAGE_SIDE)
+        for key in self.extra:
+            if key in _SET_BY_US:
+                raise ConfigError(f"config key 'generator.sampling.extra.{key}': the backend sets {key!r} itself"
+                                  + (f"; use generator.sampling.{key}" if key in _SETTINGS else ""))
+
+
+MAX_STEPS = 10000
+# Pipeline call arguments the backend passes itself (from the settings, the prompts and the seeds).
+_SETTINGS = ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width")
+_SET_BY_US = (*_SETTINGS, "prompt", "generator", "output_type", "num_images_per_prompt")
+
+
+def check_extra(pipeline_cls: type, extra: dict[str, Any]) -> None:
+    """Raise a :class:`ConfigError` for a ``generator.sampling.extra`` key the pipeline's ``__call__`` does not name.
+
+    Only named parameters count: pipelines take ``**kwargs`` for deprecated arguments and silently drop whatever
+    else lands there, so a typo would change nothing and say nothing.
+    """
+    params = {n: p for n, p in inspect.signature(pipeline_cls.__call__).parameters.items()
+              if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    known = sorted(n for n in params if n not in ("self", *_SET_BY_US))
+    for key in extra:
+        if key not in params:
+            raise ConfigError(f"config key 'generator.sampling.extra.{key}': {pipeline_cls.__name__} takes no "
+                              f"argument {key!r}{did_you_mean(key, known)}; known: {', '.join(known)}")
+
+
+def pipeline_class(config: GeneratorConfig) -> type | None:
+    """The pipeline class ``config.model`` loads, read from its ``model_index.json`` without loading any weights
+    (None when it cannot be known without the hub: then :meth:`DiffusersGenerator.__init__` checks the loaded
+    pipeline)."""
+    import diffusers
+
+    if config.model == "tiny":
+        return diffusers.StableDiffusionPipeline
+    index = Path(config.model).expanduser() / "model_index.json"
+    if not index.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(config.model, "model_index.json", revision=config.revision)
+        except Exception:  # not a valid hub id: from_pretrained reports it when it loads
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        index = Path(cached)
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    return cls if isinstance(cls, type) else None
+
+
+def scheduler_class(name: str):
+    """The diffusers scheduler class ``generator.sampling.scheduler`` names."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        names = [n for n in dir(diffusers) if n.endswith("Scheduler")]
+        raise ConfigError(f"config key 'generator.sampling.scheduler': unknown scheduler '{name}'"
+                          f"{did_you_mean(name, names)}")
+    return cls
 
 
 class DiffusersGenerator:
@@ -92,25 +162,35 @@ class DiffusersGenerator:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self._in_process = pipeline is not None or config.model == "tiny"
         pipe = pipeline if pipeline is not None else self._load(config, self.dtype, self.settings.safety_checker)
+        check_extra(type(pipe), self.settings.extra)
         if not self.settings.safety_checker and getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None
         if self.settings.scheduler:
-            import diffusers
-
-            cls = getattr(diffusers, self.settings.scheduler, None)
-            if cls is None or not hasattr(cls, "from_config"):
-                names = [n for n in dir(diffusers) if n.endswith("Scheduler")]
-                raise ConfigError(
-                    f"config key 'generator.sampling.scheduler': unknown scheduler "
-                    f"'{self.settings.scheduler}'{did_you_mean(self.settings.scheduler, names)}"
-                )
-            pipe.scheduler = cls.from_config(pipe.scheduler.config)
+            pipe.scheduler = scheduler_class(self.settings.scheduler).from_config(pipe.scheduler.config)
         if config.adapter:
-            pipe.load_lora_weights(config.adapter)
+            check_adapter(config.adapter, "generator.adapter", config.allow_pickle, peft=False)
+            pipe.load_lora_weights(config.adapter, use_safetensors=None if config.allow_pickle else True)
             if config.merge_adapter:
                 pipe.fuse_lora()
         pipe.set_progress_bar_config(disable=True)
         self.pipeline = pipe.to(self.device)
+
+    @classmethod
+    def check_config(cls, config: GeneratorConfig, settings: DiffusersSettings) -> None:
+        """What loading ``config`` would reject, without loading: the pipeline folder and its weights, the
+        scheduler name, ``extra`` keys the pipeline does not take, and the adapter."""
+        if config.model != "tiny":
+            if not config.model:
+                raise ConfigError("config key 'generator.model' is required: a hub id, a local directory or 'tiny'")
+            check_weights(config.model, "generator.model", config.allow_pickle, marker="model_index.json")
+        if settings.scheduler:
+            scheduler_class(settings.scheduler)
+        if settings.extra:
+            pipe_cls = pipeline_class(config)
+            if pipe_cls is not None:
+                check_extra(pipe_cls, settings.extra)
+        if config.adapter:
+            check_adapter(config.adapter, "generator.adapter", config.allow_pickle, peft=False)
 
     @staticmethod
     def _load(config: GeneratorConfig, dtype: str, safety_checker: bool):
@@ -121,14 +201,21 @@ class DiffusersGenerator:
             return pipe if dtype == "float32" else pipe.to(dtype=torch_dtype(dtype))
         if not config.model:
             raise ConfigError("config key 'generator.model' is required: a hub id, a local directory or 'tiny'")
+        check_weights(config.model, "generator.model", config.allow_pickle, marker="model_index.json")
         from diffusers import DiffusionPipeline
 
         # Without the checker its weights are not even downloaded (pipelines that have none ignore the argument).
         off = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
-        return DiffusionPipeline.from_pretrained(
-            config.model, revision=config.revision, torch_dtype=torch_dtype(dtype), variant=config.variant,
-            trust_remote_code=config.trust_remote_code, **off,
-        )
+        try:
+            return DiffusionPipeline.from_pretrained(
+                config.model, revision=config.revision, torch_dtype=torch_dtype(dtype), variant=config.variant,
+                trust_remote_code=config.trust_remote_code, use_safetensors=None if config.allow_pickle else True,
+                **off,
+            )
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"config key 'generator.model': cannot load {config.model!r} ({first}); pass a local "
+                            "pipeline folder with safetensors weights or a hub id reachable from here") from None
 
     def call_kwargs(self, n: int) -> dict[str, Any]:
         """Keyword arguments of the pipeline call for a batch of ``n`` images (prompts and generators aside)."""

@@ -24,12 +24,14 @@ from generators.base import (
     TOKEN_SCORES,
     UNDERSTANDING,
     GeneratorConfig,
+    check_weights,
     images_to_tensor,
     parse_settings,
     pool_embeddings,
     torch_dtype,
 )
 from generators.config import ConfigError, UserError, option
+from generators.errors import first_line
 from generators.emu3_sequence import RATIO, Emu3Ids, Emu3Layout, image_grid, sample_answers, visual_ids
 from generators.sequence import ImageTokenGenerator, TokenSampling, unwrap
 
@@ -125,10 +127,18 @@ class Emu3Generator(ImageTokenGenerator):
             raise ConfigError("config key 'generator.model' is required: a hub id, a local directory or 'tiny'")
         from transformers import AutoProcessor, Emu3ForConditionalGeneration
 
+        check_weights(config.model, "generator.model", config.allow_pickle, marker="config.json")
+        # Safetensors only unless pickles are allowed: a hub repo with only pickled weights then fails to load.
         kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
-        model = Emu3ForConditionalGeneration.from_pretrained(config.model, dtype=torch_dtype(dtype),
-                                                             variant=config.variant, **kwargs)
-        return model, AutoProcessor.from_pretrained(config.model, **kwargs)
+        try:
+            model = Emu3ForConditionalGeneration.from_pretrained(
+                config.model, dtype=torch_dtype(dtype), variant=config.variant,
+                use_safetensors=None if config.allow_pickle else True, **kwargs)
+            processor = AutoProcessor.from_pretrained(config.model, **kwargs)
+        except (OSError, ValueError) as err:
+            raise UserError(f"config key 'generator.model': cannot load {config.model!r} ({first_line(err)}); pass "
+                            "a local folder with safetensors weights or a hub id reachable from here") from None
+        return model, processor
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -21,12 +21,14 @@ from generators.base import (
     TOKEN_SCORES,
     UNDERSTANDING,
     GeneratorConfig,
+    check_weights,
     images_to_tensor,
     parse_settings,
     pool_embeddings,
     torch_dtype,
 )
 from generators.config import ConfigError, UserError, option
+from generators.errors import first_line
 from generators.janus_sequence import JanusLayout, SpecialIds, sample_answers
 from generators.sequence import ImageTokenGenerator, TokenSampling, unwrap
 
@@ -106,12 +108,20 @@ class JanusGenerator(ImageTokenGenerator):
             return model.to(torch_dtype(dtype)), tokenizer
         if not config.model:
             raise ConfigError("config key 'generator.model' is required: a hub id, a local directory or 'tiny'")
+        check_weights(config.model, "generator.model", config.allow_pickle, marker="config.json")
         from transformers import AutoTokenizer, JanusForConditionalGeneration
 
+        # Safetensors only unless pickles are allowed: a hub repo with only pickled weights then fails to load.
         kwargs = dict(revision=config.revision, trust_remote_code=config.trust_remote_code)
-        model = JanusForConditionalGeneration.from_pretrained(config.model, dtype=torch_dtype(dtype),
-                                                              variant=config.variant, **kwargs)
-        return model, AutoTokenizer.from_pretrained(config.model, **kwargs)
+        try:
+            model = JanusForConditionalGeneration.from_pretrained(
+                config.model, dtype=torch_dtype(dtype), variant=config.variant,
+                use_safetensors=None if config.allow_pickle else True, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(config.model, **kwargs)
+        except (OSError, ValueError) as err:
+            raise UserError(f"config key 'generator.model': cannot load {config.model!r} ({first_line(err)}); pass "
+                            "a local folder with safetensors weights or a hub id reachable from here") from None
+        return model, tokenizer
 
     def answer(self, questions: Sequence[str], seeds: Sequence[int], *, template: str = "{image}{question}",
                max_new_tokens: int = 12, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

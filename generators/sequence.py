@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from generators.base import (
-    GeneratedImage, base_identity, check_prompts_and_seeds, generator_provenance, resolve_device, resolve_dtype,
+    GeneratedImage, base_identity, check_adapter, check_prompts_and_seeds, check_weights, generator_provenance,
+    resolve_device, resolve_dtype,
 )
 from generators.config import ConfigError, option
 
@@ -291,9 +292,22 @@ class ImageTokenGenerator:
         # Weights with no folder or hub snapshot to name them (built in-process, handed in) are fingerprinted.
         self._in_process = model is not None or config.model == "tiny"
 
+    @classmethod
+    def check_config(cls, config, settings) -> None:
+        """What loading ``config`` would reject, without loading: the model folder, its weights and the adapter."""
+        if config.model != "tiny":
+            if not config.model:
+                raise ConfigError("config key 'generator.model' is required: a hub id, a local directory or 'tiny'")
+            check_weights(config.model, "generator.model", config.allow_pickle, marker="config.json")
+        if config.adapter:
+            check_adapter(config.adapter, "generator.adapter", config.allow_pickle)
+
     @staticmethod
     def _prepare(config, model):
-        """``model`` with ``config.adapter`` applied, on ``config.device``, in eval mode."""
+        """``model`` with ``config.adapter`` applied (safetensors unless ``allow_pickle``), on ``config.device``, in
+        eval mode."""
+        if config.adapter:
+            check_adapter(config.adapter, "generator.adapter", config.allow_pickle)
         return load_adapter(model, config.adapter, config.merge_adapter).to(resolve_device(config.device)).eval()
 
     @property

@@ -1,4 +1,6 @@
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -68,3 +70,44 @@ def test_registry_did_you_mean():
 def test_generator_config_checks_values():
     with pytest.raises(ConfigError, match="generator.batch_size"):
         from_dict(GeneratorConfig, {"backend": "janus", "batch_size": 0}, prefix="generator")
+
+
+@dataclass
+class Floats:
+    rate: float = option(0.5, help="rate")
+    maybe: float | None = option(None, help="optional")
+    shares: list[float] = option(default_factory=list, help="shares")
+    extra: dict[str, Any] = option(default_factory=dict, help="free-form")
+    limit: float = option(1.0, help="may be infinite", finite=False)
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"rate": float("nan")}, "rate"), ({"rate": float("inf")}, "rate"), ({"maybe": float("-inf")}, "maybe"),
+    ({"shares": [0.5, float("nan")]}, "shares[1]"), ({"extra": {"eta": {"deep": [float("nan")]}}}, "extra.eta.deep[0]"),
+])
+def test_non_finite_numbers_are_rejected_naming_the_key(data, key):
+    with pytest.raises(ConfigError, match=rf"^config key '{re.escape(key)}': (nan|inf|-inf) is not a finite number; "
+                                          "use a finite number$"):
+        from_dict(Floats, data)
+
+
+def test_a_field_may_declare_infinity_meaningful():
+    assert from_dict(Floats, {"limit": float("inf")}).limit == float("inf")
+
+
+def test_yaml_files_are_read_strictly(tmp_path):
+    from generators.config import load_yaml
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("a: 1\nb:\n  c: 2\n  c: 3\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML: key 'c' is given twice \(lines 3 and 4\); keep one"):
+        load_yaml(twice)
+    merge = tmp_path / "merge.yaml"
+    merge.write_text("base: &b {x: 1, y: 2}\nmine:\n  <<: *b\n  y: 3\n")
+    assert load_yaml(merge)["mine"] == {"x": 1, "y": 3}  # a merge key overridden is not a duplicate
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml' is not UTF-8 text \(byte 0xe9 at offset 9\)"):
+        load_yaml(latin)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_yaml(tmp_path)

@@ -1,5 +1,7 @@
 """The demo's bookkeeping: planted RD, recovery counts (hand-computed)."""
 
+import json
+
 import pytest
 
 from debias.demo import measured_vs_planted, planted_rd
@@ -154,3 +156,8 @@ def test_demo_runs_the_whole_loop_and_resumes(tmp_path, repo_root):
     for side in ("before", "after"):
         assert again[side]["gender_rd"] == summary[side]["gender_rd"]
         assert again[side]["race_rd"] == summary[side]["race_rd"]
+    # The re-run redid no probe: every locate result came from its stage.
+    reused = {name: json.loads((out / name / "run.json").read_text())["stages"]["locate"]["reused"]
+              for name in ("locate", "locate-swap")}
+    assert reused == {"locate": ["understanding", "vision", "controlled"], "locate-swap": ["swap"]}
+    assert again["locate"] == summary["locate"]

@@ -9,6 +9,7 @@ changed only in its decoder, the other way round).
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -473,3 +474,65 @@ def test_bad_locate_config_fails_before_writing(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         run_locate(exp, {"probes": ["vision"], "vision": {"data": str(tmp_path / "missing")}}, out)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------- resuming
+
+
+def _locate_outputs(out: Path) -> dict[str, bytes]:
+    """Every file locate writes, except those that record when and how fast it ran (run.json, the sample records'
+    timings, the time printed in the HTML pages)."""
+    import re
+
+    return {p.relative_to(out).as_posix(): re.sub(rb"\d{4}-\d\d-\d\d \d\d:\d\d UTC", b"", p.read_bytes())
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != "run.json" and "records" not in p.parts}
+
+
+@pytest.mark.slow
+def test_locate_killed_between_probes_resumes_to_identical_outputs_and_a_rerun_redoes_no_probe(tmp_path, repo_root):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = yaml.safe_load((repo_root / "configs/experiments/locate-smoke-janus.yaml").read_text())
+    cfg["prompts"]["limit"] = 2
+    cfg["images_per_prompt"] = 4
+    cfg["card"] = {"enabled": False}
+    cfg["locate"]["understanding"]["samples"] = 2
+    cfg["locate"]["vision"].update(lab_images=32, folds=2)
+    cfg["locate"]["controlled"]["samples"] = 2
+    path = tmp_path / "locate.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def locate(out: Path, crash_at: str | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, **({"DEBIAS_CRASH_AT": crash_at} if crash_at else {})}
+        return subprocess.run([sys.executable, "-m", "debias.cli", "locate", "--config", str(path), "--out",
+                               str(out)], capture_output=True, text=True, env=env, cwd=repo_root)
+
+    reference = tmp_path / "reference"
+    assert locate(reference).returncode == 0
+    expected = _locate_outputs(reference)
+    assert {"understanding.json", "vision.json", "controlled.json", "locate.json", "locate.html"} <= set(expected)
+
+    # Killed right after the vision probe was stored: understanding and vision are kept, controlled is not.
+    out = tmp_path / "killed"
+    assert locate(out, crash_at="locate:vision").returncode == 137
+    assert not (out / "locate.json").exists()
+    stored = sorted(p.name.split("-")[0] for p in (out / "stages").glob("*.json"))
+    assert stored == ["understanding", "vision"]
+    assert locate(out).returncode == 0
+    assert json.loads((out / "run.json").read_text())["stages"]["locate"]["reused"] == ["understanding", "vision"]
+    assert _locate_outputs(out) == expected
+
+    # A finished locate re-run redoes no probe, and writes the same files.
+    assert locate(out).returncode == 0
+    assert json.loads((out / "run.json").read_text())["stages"]["locate"]["reused"] == [
+        "understanding", "vision", "controlled"]
+    assert _locate_outputs(out) == expected
+    # Changing one probe's settings redoes that probe only.
+    cfg["locate"]["controlled"]["samples"] = 3
+    path.write_text(yaml.safe_dump(cfg))
+    assert locate(out).returncode == 0
+    assert json.loads((out / "run.json").read_text())["stages"]["locate"]["reused"] == ["understanding", "vision"]

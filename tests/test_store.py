@@ -249,3 +249,93 @@ def test_unwritable_out_dir(tmp_path, capsys):
     assert "is not writable" in capsys.readouterr().err
     assert main(["sample", "--config", str(cfg), "--out", str(blocker)]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ stored bytes are verified
+
+AUDIT = {**SMOKE, "prompts": {"occupations": ["nurse", "butcher"]}, "images_per_prompt": 4,
+         "faces": {"detector": "none"}, "classifier": {"model": "tiny", "device": "cpu"},
+         "metrics": {"n_boot": 20}, "card": {"enabled": False}}
+
+
+def audit_run(tmp_path: Path, out: Path, capsys) -> tuple[str, dict]:
+    """``debias audit`` in-process on the tiny smoke models; returns (stderr, key -> PNG bytes)."""
+    from debias.cli import main
+
+    cfg = tmp_path / "audit.yaml"
+    cfg.write_text(yaml.safe_dump(AUDIT))
+    capsys.readouterr()
+    assert main(["audit", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    return err, {p.name: p.read_bytes() for p in (out / "samples" / "images").rglob("*.png")}
+
+
+@pytest.mark.parametrize("caches", ["kept", "deleted"])
+def test_truncated_png_in_a_finished_run_is_regenerated_byte_identically(tmp_path, capsys, caches):
+    import shutil
+
+    out = tmp_path / "run"
+    _, pngs = audit_run(tmp_path, out, capsys)
+    metrics = (out / "metrics.json").read_bytes()
+    victim = sorted((out / "samples" / "images").rglob("*.png"))[3]
+    victim.write_bytes(victim.read_bytes()[:100])
+    if caches == "deleted":  # e.g. re-auditing with another classifier: nothing cached covers the damaged image
+        shutil.rmtree(out / "stages")
+    err, again = audit_run(tmp_path, out, capsys)
+    assert "1 stored image(s) failed verification" in err and victim.name in err
+    assert again == pngs  # the same seed gave the same bytes
+    assert (out / "metrics.json").read_bytes() == metrics
+    # A changed byte of the same length is caught by the hash, not only by the size.
+    data = bytearray(victim.read_bytes())
+    data[-20] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    err, again = audit_run(tmp_path, out, capsys)
+    assert "failed verification" in err and again == pngs
+
+
+def test_truncated_record_stage_cache_and_run_json_are_rebuilt(tmp_path, capsys):
+    out = tmp_path / "run"
+    _, pngs = audit_run(tmp_path, out, capsys)
+    metrics = (out / "metrics.json").read_bytes()
+    record = sorted((out / "samples" / "records").glob("*.json"))[0]
+    reference = json.loads(record.read_text())
+    record.write_text(record.read_text()[:40])
+    cache = sorted((out / "stages").glob("classify-*.json"))[0]
+    cache.write_text(cache.read_text()[:50])
+    (out / "run.json").write_text('{"stages": {"sample": ')
+    # A killed writer's temporary file (its process is gone) is cleaned up by the next run.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = out / "stages" / f".{cache.name}.{dead.pid}.tmp"
+    orphan.write_text("half a cache")
+    err, again = audit_run(tmp_path, out, capsys)
+    assert "failed verification" in err and "is unreadable" in err and "run.json" in err
+    assert again == pngs and (out / "metrics.json").read_bytes() == metrics
+    rebuilt = json.loads(record.read_text())
+    assert {k: v for k, v in rebuilt.items() if k != "seconds"} == {
+        k: v for k, v in reference.items() if k != "seconds"}
+    assert json.loads(cache.read_text())["results"] and not orphan.exists()
+    assert set(json.loads((out / "run.json").read_text())["stages"]) == {"sample", "audit"}
+
+
+def test_a_damaged_imported_image_is_copied_again(tmp_path, capsys):
+    from PIL import Image
+
+    from debias.cli import main
+
+    images = tmp_path / "images" / "a nurse"
+    images.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (16, 16), (60 * i, 20, 200)).save(images / f"{i}.png")
+    cfg = tmp_path / "audit.yaml"
+    cfg.write_text(yaml.safe_dump(AUDIT))
+    out = tmp_path / "run"
+    args = ["audit", "--config", str(cfg), "--out", str(out), "--quiet", "--images", str(tmp_path / "images")]
+    assert main(args) == 0
+    stored = sorted((out / "samples" / "images").rglob("*.png"))
+    reference = [p.read_bytes() for p in stored]
+    stored[1].write_bytes(b"")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "1 imported image(s) failed verification" in capsys.readouterr().err
+    assert [p.read_bytes() for p in stored] == reference

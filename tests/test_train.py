@@ -466,3 +466,73 @@ def test_sft_then_bpo_keeps_one_generator_model_alive(dataset_dir, tmp_path):
     assert set(peaks) == {"sft", "bpo"}
     assert all(0 < p["rss_start_mib"] <= p["rss_peak_mib"] for p in peaks.values())
     assert json.loads((out / "bpo" / "memory.json").read_text()) == peaks["bpo"]
+
+
+# ----------------------------------------------------------------------------- the smoke config, kill and resume
+
+
+def test_resume_picks_the_last_complete_checkpoint_and_removes_incomplete_ones(tmp_path, capsys):
+    from debias.train.run import last_complete_checkpoint
+
+    stage = tmp_path / "sft"
+    for step, state in ((2, {"global_step": 2}), (4, {"global_step": 4}), (6, None), (8, "truncated")):
+        folder = stage / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        if isinstance(state, dict):
+            (folder / "trainer_state.json").write_text(json.dumps(state))
+        elif state == "truncated":
+            (folder / "trainer_state.json").write_text('{"global_st')
+    (stage / "checkpoint-10").mkdir()  # killed before anything was written
+    assert last_complete_checkpoint(stage, "sft") == str(stage / "checkpoint-4")
+    assert sorted(p.name for p in stage.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    err = capsys.readouterr().err
+    assert all(f"checkpoint-{n} is incomplete" in err for n in (6, 8, 10))
+    (tmp_path / "bpo").mkdir()
+    assert last_complete_checkpoint(tmp_path / "bpo", "bpo") is None
+
+
+@pytest.mark.slow
+def test_smoke_training_config_runs_and_a_kill_inside_a_checkpoint_save_resumes_to_the_same_adapter(tmp_path,
+                                                                                                    repo_root):
+    """`configs/experiments/train-smoke.yaml` with the commands its header (and the README) gives: synth, train, audit
+    with the adapter; then the same training killed while it writes a checkpoint: the incomplete checkpoint is
+    skipped, training resumes from the last complete one and ends with the adapter of the uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+
+    config = str(repo_root / "configs" / "experiments" / "train-smoke.yaml")
+
+    def cli(*args: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, **({"DEBIAS_CRASH_AT": crash_at} if crash_at else {})}
+        # Run where the config's relative paths (train.dataset: runs/train-smoke-synth/dataset) point into tmp_path.
+        return subprocess.run([sys.executable, "-m", "debias.cli", *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path)
+
+    for args in (("synth", "--config", config, "--out", "runs/train-smoke-synth", "--quiet"),
+                 ("train", "--config", config, "--out", "runs/train-smoke"),
+                 ("audit", "--config", config, "--out", "runs/train-smoke-after", "--adapter",
+                  "runs/train-smoke/bpo/adapter", "--quiet")):
+        done = cli(*args)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+    runs = tmp_path / "runs"
+    final = runs / "train-smoke" / "bpo" / "adapter"
+    assert json.loads((final / "train_info.json").read_text())["global_step"] == 4
+    assert json.loads((runs / "train-smoke-after" / "metrics.json").read_text())["run"]["generator"]["adapter"]
+
+    killed = cli("train", "--config", config, "--out", "runs/killed", crash_at="train:checkpoint-4")
+    assert killed.returncode == 137
+    sft = runs / "killed" / "sft"
+    assert (sft / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (sft / "checkpoint-4").is_dir() and not (sft / "checkpoint-4" / "trainer_state.json").exists()
+    assert not (sft / "adapter").exists()
+
+    resumed = cli("train", "--config", config, "--out", "runs/killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "checkpoint-4 is incomplete" in resumed.stderr
+    history = json.loads((sft / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]
+    expected, got = _load_adapter_weights(final), _load_adapter_weights(runs / "killed" / "bpo" / "adapter")
+    assert expected.keys() == got.keys()
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)

@@ -372,7 +372,7 @@ def component_swap(experiment_config, out_dir: str | Path, config: SwapConfig | 
                 cells[name] = {"language": lang, "vision": vis, "dir": name,
                                "rd": {a: b["rd"] for a, b in metrics["attributes"].items()}}
                 labels[(li, vi)] = _labels_from_predictions(predictions, prompts, seeds, attr_classes,
-                                                            experiment_config.metrics.joint)
+                                                            experiment_config.metrics.joint_pairs(attr_classes))
     finally:
         with torch.no_grad():
             load("language", "base")

@@ -31,7 +31,8 @@ from typing import Any
 from debias.train.common import Classify
 from debias.train.config import TrainConfig
 from debias.train.memory import PeakMemory
-from generators.base import GeneratorConfig, directory_hash
+from generators.backends import check_generator_config
+from generators.base import GeneratorConfig, check_adapter, directory_hash
 from generators.config import UserError, to_dict
 
 # Fields that do not change what a stage learns: changing them must not invalidate finished stages.
@@ -83,12 +84,29 @@ def _load_generator(generator_config: GeneratorConfig):
     return gen
 
 
-def _check_adapter(path: str, key: str) -> None:
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise UserError(
-            f"config key '{key}': '{path}' is not a PEFT adapter folder (no adapter_config.json); pass the "
-            "<stage>/adapter folder written by `debias train`"
-        )
+def complete_checkpoint(path: str | Path) -> bool:
+    """Whether a Trainer checkpoint folder was saved to the end: the Trainer writes ``trainer_state.json`` last
+    (after the weights, optimizer, scheduler and RNG states), so a readable one marks a complete save."""
+    from audit.store import read_json
+
+    state = read_json(Path(path) / "trainer_state.json")
+    return isinstance(state, dict) and "global_step" in state
+
+
+def last_complete_checkpoint(folder: Path, stage: str) -> str | None:
+    """The latest complete ``checkpoint-N`` of a stage folder; incomplete ones (a kill during the save) are removed
+    with a note on stderr, so neither this resume nor a later one picks them."""
+    from audit.store import say
+
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:]), reverse=True)
+    for path in found:
+        if complete_checkpoint(path):
+            return str(path)
+        say(f"stage '{stage}': {path} is incomplete (the run stopped while saving it); removing it")
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
 
 
 def _digest(*parts: Any) -> str:
@@ -121,13 +139,20 @@ def plan_training(train: TrainConfig, generator_config: GeneratorConfig, out_dir
             f"config key 'train.dataset' is required for method '{train.method}': the balanced data set folder "
             "(e.g. written by `debias synth`)"
         )
+    check_generator_config(generator_config)
     init_adapter = train.init_adapter or generator_config.adapter
     if init_adapter:
-        _check_adapter(init_adapter, "train.init_adapter" if train.init_adapter else "generator.adapter")
+        check_adapter(init_adapter, "train.init_adapter" if train.init_adapter else "generator.adapter",
+                      generator_config.allow_pickle)
     if train.resume_from_checkpoint and not Path(train.resume_from_checkpoint).is_dir():
         raise UserError(
             f"config key 'train.resume_from_checkpoint': '{train.resume_from_checkpoint}' does not exist; pass a "
             "<stage>/checkpoint-N folder of an earlier run, or leave it unset"
+        )
+    if train.resume_from_checkpoint and not complete_checkpoint(train.resume_from_checkpoint):
+        raise UserError(
+            f"config key 'train.resume_from_checkpoint': '{train.resume_from_checkpoint}' is incomplete (no readable "
+            "trainer_state.json: the run stopped while saving it); pass an earlier checkpoint-N, or leave it unset"
         )
 
     table = None
@@ -170,7 +195,7 @@ def plan_training(train: TrainConfig, generator_config: GeneratorConfig, out_dir
 
 
 def _plan_stages(plan: TrainPlan) -> list[StagePlan]:
-    from transformers.trainer_utils import get_last_checkpoint
+    from audit.store import read_json
 
     train = plan.train
     base = {k: v for k, v in to_dict(train).items() if k not in _NOT_IN_KEY}
@@ -187,7 +212,11 @@ def _plan_stages(plan: TrainPlan) -> list[StagePlan]:
         stage = StagePlan(name=name, folder=folder, key=key)
         stamp = folder / "stage.json"
         if stamp.is_file():
-            recorded = json.loads(stamp.read_text()).get("key")
+            saved = read_json(stamp)
+            recorded = saved.get("key") if isinstance(saved, dict) else None
+            if recorded is None:
+                raise UserError(f"--out '{plan.out_dir}': '{stamp}' is unreadable, so what stage '{name}' was trained "
+                                f"from is unknown; delete '{folder}' to retrain it, or pass a new --out")
             if recorded != key:
                 raise UserError(
                     f"--out '{plan.out_dir}': stage '{name}' there was trained from a different config or data "
@@ -207,7 +236,7 @@ def _plan_stages(plan: TrainPlan) -> list[StagePlan]:
         elif explicit:
             stage.resume_from, explicit = explicit, None
         elif folder.is_dir():
-            stage.resume_from = get_last_checkpoint(str(folder))
+            stage.resume_from = last_complete_checkpoint(folder, name)
         stages.append(stage)
         previous = key
     return stages

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from trl import SFTTrainer
 
+from audit.store import crash_point
 from debias.train.common import enable_image_token_forward
 from debias.train.data import ImageTokenCollator
 from generators.sequence import unwrap
@@ -72,6 +73,12 @@ class ImageTokenTrainerMixin:
     def _record(self, name: str, value: torch.Tensor) -> None:
         mode = "train" if self.model.training else "eval"
         self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach().reshape(-1)).mean().item())
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        # Mid-save: the weights are in checkpoint-N/, the optimizer and trainer state are not yet. Tests stop the
+        # process exactly here (DEBIAS_CRASH_AT=train:checkpoint-N) to check that resuming skips such a folder.
+        crash_point(f"train:checkpoint-{self.state.global_step}")
+        super()._save_optimizer_and_scheduler(output_dir)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation is the training loss on held-out rows: no generation, no logits to gather.

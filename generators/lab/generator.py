@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from generators.base import GeneratorConfig, directory_hash, generator_provenance
+from generators.base import GeneratorConfig, check_adapter, check_weights, directory_hash, generator_provenance
 from generators.config import ConfigError
 from generators.janus import JanusGenerator
 from generators.lab import missing_world, world_dir
@@ -27,6 +27,15 @@ class LabGenerator(JanusGenerator):
         if self._in_process:
             return super().provenance()
         return generator_provenance(self, location=self.weights)
+
+    @classmethod
+    def check_config(cls, config: GeneratorConfig, settings) -> None:
+        weights = world_dir(config.model) / "janus"
+        if not weights.is_dir():
+            raise ConfigError(missing_world(weights))
+        check_weights(str(weights), "generator.model", config.allow_pickle, marker="config.json")
+        if config.adapter:
+            check_adapter(config.adapter, "generator.adapter", config.allow_pickle)
 
     def identity(self) -> dict:
         # Keyed by the weights' content, not their install path, so run folders move between machines.
