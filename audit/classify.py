@@ -35,6 +35,7 @@ from generators.base import (
     weights_fingerprint,
 )
 from generators.config import ConfigError, UserError, did_you_mean, from_dict, load_yaml, option, to_dict
+from generators.errors import first_line
 from generators.registry import Registry
 from generators.resources import config_names, named_config
 
@@ -617,7 +618,7 @@ def _load_model(config: ClassifierConfig, dtype: str):
                                           use_safetensors=None if config.allow_pickle else True, **kwargs)
         processor = AutoProcessor.from_pretrained(config.model, **kwargs)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(
             f"config key 'classifier.model': cannot load {config.model!r} ({first}); pass a local directory with "
             f"a saved CLIP/SigLIP model, a hub id reachable from here, or one of: {', '.join(CLASSIFIERS.names())}"

@@ -25,6 +25,7 @@ from typing import Any
 
 from audit.store import atomic_write_bytes
 from generators.config import UserError
+from generators.errors import first_line
 
 PARQUET = "data/train-00000-of-00001.parquet"
 # What the Hub should not receive from an export folder: the save_to_disk copy of the same rows.
@@ -167,7 +168,7 @@ def push_to_hub(folder: str | Path, repo: str, repo_type: str, ignore: list[str]
         api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type=repo_type, ignore_patterns=ignore,
                           commit_message="Upload from debias-t2i")
     except (OfflineModeIsEnabled, HfHubHTTPError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(f"--push-to-hub {repo}: the upload failed ({first}); the folder '{folder}' is complete: "
                         f"push it later with `hf upload {repo} {folder} --repo-type {repo_type}` after "
                         "`hf auth login`") from None

@@ -42,6 +42,7 @@ from generators.base import (
     torch_dtype,
 )
 from generators.config import ConfigError, UserError, did_you_mean, option
+from generators.errors import first_line
 
 
 @dataclass
@@ -213,7 +214,7 @@ class DiffusersGenerator:
                 **off,
             )
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise UserError(f"config key 'generator.model': cannot load {config.model!r} ({first}); pass a local "
                             "pipeline folder with safetensors weights or a hub id reachable from here") from None
 
