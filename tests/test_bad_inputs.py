@@ -444,6 +444,15 @@ CASES = [
     Case("sweep-top-k-negative-in-config", sweep("1.5", "3", generator__sampling__top_k=-1), "generator.sampling.top_k"),
 
     # --- calibrate
+    # --- export and card: the folders they package
+    Case("export-run-missing", lambda tmp, out: ["export", str(tmp / "norun"), "--out", out], "norun"),
+    Case("export-not-a-run", lambda tmp, out: ["export", str((tmp / "empty").mkdir() or tmp / "empty"), "--out", out],
+         "metrics.json"),
+    Case("card-adapter-missing", lambda tmp, out: [
+        "card", "--adapter", str(tmp / "noad"), "--before", str(tmp), "--after", str(tmp), "--out", out], "noad"),
+    Case("card-adapter-not-an-adapter", lambda tmp, out: [
+        "card", "--adapter", str(tmp), "--before", str(tmp), "--after", str(tmp), "--out", out],
+         "adapter_config.json"),
     Case("calibrate-unknown-classifier", lambda tmp, out: [
         "calibrate", "--classifier", "clip-vit-larg", "--data", labelled_folder(tmp / "faces"), "--out", out],
         "clip-vit-larg"),

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from generators.base import GeneratorConfig, resolve_dtype
-from generators.config import ConfigError
+from generators.config import ConfigError, UserError
 
 
 def test_dtype_auto_is_float32_on_the_cpu_and_half_precision_on_gpus():
@@ -51,7 +51,7 @@ def test_variant_selects_the_weight_files_from_pretrained_reads(tmp_path):
     config = GeneratorConfig(backend="janus", model=str(tmp_path), device="cpu", variant="fp16")
     gen = JanusGenerator(config)
     assert gen.provenance()["generator"]["variant"] == "fp16" and gen.identity()["variant"] == "fp16"
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"config key 'generator.model': cannot load .*no file named model.safetensors"):
         JanusGenerator(replace(config, variant=None))
 
 
