@@ -18,7 +18,7 @@ import yaml
 from audit.store import RunStore, atomic_write_bytes, atomic_write_json, check_writable, content_key, environment
 from generators.backends import load_generator
 from generators.base import Generator
-from generators.config import to_dict
+from generators.config import UserError, to_dict
 
 
 def distributed_state():
@@ -32,20 +32,22 @@ def distributed_state():
 
 
 def run_settings(generator: Generator | None, counts: dict[str, int], seeds: Sequence[int],
-                 source: str | None = None) -> dict[str, Any]:
+                 source: str | None = None, plan: dict | None = None) -> dict[str, Any]:
     """The resolved settings of a run, recorded once in ``run.json`` and copied into ``metrics.json``.
 
     Args:
         generator: The loaded generator (its identity holds the sampling settings with every default applied), or
             None for images made elsewhere.
-        counts: Prompt -> images requested (sampled) or found (imported), in prompt order.
+        counts: Prompt -> images used: requested (fixed count), where the image plan stopped (adaptive), or found
+            (imported), in prompt order.
         seeds: The seeds of the run.
         source: For imported images, the folder they came from.
+        plan: The adaptive image plan as run (its fields, ``looks`` and the calibrated ``share_alpha``), or None.
 
     Returns:
         ``generator`` (identity), ``sampling`` (resolved backend settings), ``guidance_scale``, ``n_prompts``,
         ``images_per_prompt`` (the common count, or None when prompts differ: see ``images_by_prompt``),
-        ``images_by_prompt`` and ``seeds``.
+        ``images_by_prompt``, ``images_plan`` (None for a fixed count) and ``seeds``.
     """
     identity = generator.identity() if generator is not None else {"backend": "external", "source": source}
     sampling = identity.get("settings") or {}
@@ -53,7 +55,7 @@ def run_settings(generator: Generator | None, counts: dict[str, int], seeds: Seq
     return {
         "generator": identity, "sampling": sampling, "guidance_scale": sampling.get("guidance_scale"),
         "n_prompts": len(counts), "images_per_prompt": per_prompt.pop() if len(per_prompt) == 1 else None,
-        "images_by_prompt": dict(counts), "seeds": sorted({int(s) for s in seeds}),
+        "images_by_prompt": dict(counts), "images_plan": plan, "seeds": sorted({int(s) for s in seeds}),
     }
 
 
@@ -87,6 +89,9 @@ def run_sample(config, out: str | Path, progress: bool = True, generator=None) -
         run settings (:func:`run_settings`) are recorded in ``run.json``.
     """
     out = check_writable(out)
+    if config.plan is not None:
+        raise UserError("images_per_prompt: an adaptive plan decides when to stop from the classified images; run "
+                        "`debias audit` (it samples and classifies), or give a fixed count here")
     prompts = config.prompts.neutral_prompts()
     generator = generator or load_generator(config.generator)
     rank, world, is_main, barrier = distributed_state()

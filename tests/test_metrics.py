@@ -14,6 +14,10 @@ from generators.config import UserError
 Z = 1.959963984540054  # standard normal 0.975 quantile
 
 
+def _norm_cdf(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
 def _summary(labels, k=2, probs=None, n_images=None, n_abstain=None, **kw):
     r = len(labels)
     return M.summarize_attribute(
@@ -187,28 +191,41 @@ def test_bootstrap_constant_data_zero_width():
 
 
 def test_bootstrap_small_case_by_hand():
-    # Prompt A = (2, 0): every resample is (2, 0), RD 1. Prompt B = (1, 1): resamples (2,0), (1,1), (0,2) with
-    # prob 1/4, 1/2, 1/4, so RD 1 or 0 with prob 1/2 each. Mean of two drawn prompts:
-    #   0 w.p. 1/4 * 1/4 = 1/16;  0.5 w.p. 1/2 * 1/2 + 1/4 * 1/2 = 3/8;  1 w.p. 9/16 (replicate mean 0.75).
+    # Prompt A = (2, 0) has RD 1, prompt B = (1, 1) RD 0. Prompts are resampled with their images (no second,
+    # within-prompt level): two draws give mean RD 1 (AA) w.p. 1/4, 0.5 (AB, BA) w.p. 1/2, 0 (BB) w.p. 1/4.
     counts = np.array([[2, 0], [1, 1]])
     reps = M.bootstrap_replicates(counts, n_boot=40000, seed=1)["rd"]
     freq = [np.mean(reps == v) for v in (0.0, 0.5, 1.0)]
-    np.testing.assert_allclose(freq, [1 / 16, 3 / 8, 9 / 16], atol=0.01)
-    # Re-centred on the estimate 0.5: replicates shift by -0.25 -> {-0.25, 0.25, 0.75}, clipped to [0, 1].
+    np.testing.assert_allclose(freq, [1 / 4, 1 / 2, 1 / 4], atol=0.01)
+    # With 2 prompts the expanded interval takes the extreme replicates (t with 1 df): [0, 1], up to the re-centring.
     value, low, high = M.bootstrap_rd(counts, n_boot=40000, seed=1)
     assert value == pytest.approx(0.5)
-    assert low == 0.0
-    assert high == pytest.approx(0.75, abs=0.01)
+    assert low == pytest.approx(0.0, abs=0.005) and high == pytest.approx(1.0, abs=0.005)
+
+
+def test_bootstrap_single_prompt_resamples_its_images():
+    # One prompt (1, 1): nothing to resample between prompts, so its two images are: RD 1 w.p. 1/2, 0 w.p. 1/2.
+    reps = M.bootstrap_replicates(np.array([[1, 1]]), n_boot=40000, seed=2)["rd"]
+    np.testing.assert_allclose([np.mean(reps == 0), np.mean(reps == 1)], [0.5, 0.5], atol=0.01)
+
+
+def test_expanded_percentile_level():
+    # z_{a'/2} = sqrt(n / (n - 1)) t_{0.975, n-1}: n = 8 gives sqrt(8/7) * 2.3646 = 2.5279, a' = 0.01147.
+    assert M.expanded_alpha(0.05, 8) == pytest.approx(2 * (1 - _norm_cdf(math.sqrt(8 / 7) * 2.364624)), rel=1e-5)
+    assert M.expanded_alpha(0.05, 8) == pytest.approx(0.011474, abs=2e-6)
+    assert M.expanded_alpha(0.05, None) == M.expanded_alpha(0.05, 1) == 0.05
+    assert 0.049 < M.expanded_alpha(0.05, 100000) < 0.05
 
 
 def test_bootstrap_interval_contains_estimate_for_balanced_generator():
-    # The uncentred two-level percentile interval lies entirely above the estimate here; the re-centred one must not.
+    # A two-level bootstrap (prompts, then images again) centred its replicates well above the estimate here
+    # (within-prompt noise counted twice); resampling prompts alone keeps them on it.
     rng = np.random.default_rng(3)
     k = rng.binomial(160, 0.5, size=200)
     counts = np.stack([k, 160 - k], axis=1)
     reps = M.bootstrap_replicates(counts, n_boot=500)["rd"]
     value, low, high = M.bootstrap_rd(counts, n_boot=500)
-    assert np.quantile(reps, 0.025) > value  # the bias the re-centring removes
+    assert abs(reps.mean() - value) < 0.002 < np.quantile(reps, 0.975) - np.quantile(reps, 0.025)
     assert low < value < high
 
 
@@ -229,11 +246,10 @@ def test_bootstrap_replicates_match_plain_metrics():
     counts = np.stack([rng.multinomial(m, [0.4, 0.3, 0.2, 0.1]) for m in rng.integers(1, 30, 12)])
     t = np.array([0.4, 0.3, 0.2, 0.1])
     reps = M.bootstrap_replicates(counts, t, n_boot=20, seed=3)
-    # Re-draw the same resamples (one chunk, first spawned seed) and evaluate with the plain functions.
-    g = np.random.default_rng(np.random.SeedSequence(3).spawn(1)[0])
-    n = counts.sum(1)
+    # Re-draw the same resampled prompts (one chunk from the seed's stream) and evaluate with the plain functions.
+    g = np.random.default_rng(3)
     idx = g.integers(0, 12, size=(20, 12))
-    cc = g.multinomial(n[idx], (counts / n[:, None])[idx])
+    cc = counts[idx]
     for b in range(20):
         sh = cc[b] / cc[b].sum(1, keepdims=True)
         pooled = cc[b].sum(0) / cc[b].sum()
