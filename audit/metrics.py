@@ -47,7 +47,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 from scipy import optimize, special, stats
@@ -880,14 +880,16 @@ def bootstrap_mean(
     return float(v.mean()), percentile_ci(reps, a, n_units=len(v)), reps
 
 
-def _prompt_values(c: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
+def _prompt_values(c: np.ndarray, t: np.ndarray, debiased_shift=None) -> dict[str, np.ndarray]:
     """Per-prompt metrics of counts of shape (..., K) (every row with at least one count)."""
     s = c / c.sum(axis=-1, keepdims=True)
-    return {"rd": _rd(s), "rd_debiased": _debiased(c), "kl": (special.xlogy(s, s) - _xlogy_target(s, t)).sum(axis=-1),
+    deb = _debiased(c) - (debiased_shift(s) if debiased_shift is not None else 0.0)
+    return {"rd": _rd(s), "rd_debiased": deb, "kl": (special.xlogy(s, s) - _xlogy_target(s, t)).sum(axis=-1),
             "entropy": _entropy(s)}
 
 
-def bootstrap_replicates(counts: Any, target: Any = None, n_boot: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+def bootstrap_replicates(counts: Any, target: Any = None, n_boot: int = 1000, seed: int = 0,
+                         debiased_shift: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Bootstrap of the aggregate metrics over prompts: prompts are resampled with replacement, each with its images.
 
     The estimand is the metric of the population of prompts the audited ones stand for, each audited with its
@@ -904,6 +906,8 @@ def bootstrap_replicates(counts: Any, target: Any = None, n_boot: int = 1000, se
         target: Target shares, shape (K,); uniform when None.
         n_boot: Number of replicates.
         seed: Seed; the same seed and data give the same replicates on any machine.
+        debiased_shift: Per-prompt shares (R, K) -> a bias to subtract from each prompt's debiased RD (an image
+            plan's stopping bias, :func:`audit.sequential.stopping_bias`); None for none.
 
     Returns:
         Replicates of shape (n_boot,) for ``rd``, ``rd_debiased``, ``kl``, ``entropy`` (means over prompts) and
@@ -924,9 +928,9 @@ def bootstrap_replicates(counts: Any, target: Any = None, n_boot: int = 1000, se
     r, k = c.shape
     if r == 1:
         cb = g.multinomial(n[0], c[0] / n[0], size=nb)[:, None, :]
-        out = {m: v[:, 0] for m, v in _prompt_values(cb, t).items()}
+        out = {m: v[:, 0] for m, v in _prompt_values(cb, t, debiased_shift).items()}
         return out | {"rb": np.abs(cb[:, 0] / n[0] - t).max(axis=1), "ab": np.zeros(nb)}
-    values = _prompt_values(c, t)
+    values = _prompt_values(c, t, debiased_shift)
     shares = c / n[:, None]
     out = {m: np.empty(nb) for m in names}
     per = max(1, _CHUNK_CELLS // (r * k))
@@ -1293,6 +1297,7 @@ def summarize_attribute(
     seed: int = 0,
     interval: Interval = "wilson",
     share_alpha: float | None = None,
+    debiased_shift: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """All bias metrics of one attribute (e.g. gender) over a prompt set, per prompt and aggregated.
 
@@ -1333,6 +1338,8 @@ def summarize_attribute(
         share_alpha: 1 - confidence level of the per-prompt share intervals and per-prompt ``rd_debiased_ci``
             when it differs from ``alpha``: the level an adaptive image plan calibrated so that its intervals stay
             valid under its stopping rule (:mod:`audit.sequential`). None: ``alpha``.
+        debiased_shift: Per-prompt shares (R, K) -> the bias an image plan's stopping rule adds to each prompt's
+            debiased RD, subtracted from it (:func:`audit.sequential.stopping_bias`); None for fixed counts.
 
     Returns:
         A JSON-ready dict (plain floats, undefined values ``None``) with ``classes``, ``target``, counts
@@ -1401,7 +1408,8 @@ def summarize_attribute(
     cis = share_intervals(counts, share_alpha, interval).reshape(r_n, k, 2)
     p_rd = _rd(shares)
     p_floor = rd_floor(counts, t) if r_n else np.zeros(0)
-    p_deb = _debiased(counts) if r_n else np.zeros(0)
+    p_deb = _debiased(counts) - (debiased_shift(shares) if debiased_shift is not None else 0.0) if r_n \
+        else np.zeros(0)
     p_deb_ci = rd_debiased_intervals(counts, share_alpha, interval, min(n_boot, PROMPT_BOOT), seed) if r_n \
         else np.zeros((0, 2))
     p_kl = (special.xlogy(shares, shares) - _xlogy_target(shares, t)).sum(axis=-1)
@@ -1425,7 +1433,7 @@ def summarize_attribute(
         cells = _ab_cells(shares[used], pooled)
         i, j = np.unravel_index(int(np.argmax(cells)), cells.shape)
         ab_val, ab_at = float(cells[i, j]), {"class": classes[j], "prompt": prompts[int(np.flatnonzero(used)[i])]}
-    reps = bootstrap_replicates(counts.reshape(r_n, k), t, n_boot, seed) if r_n else None
+    reps = bootstrap_replicates(counts.reshape(r_n, k), t, n_boot, seed, debiased_shift) if r_n else None
     est = {
         "rd": _nanmean(p_rd),
         "rd_debiased": _nanmean(p_deb),

@@ -153,9 +153,15 @@ def hard_labels(probs: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nda
 
 
 def compute_metrics(prompts: list[str], records: list[dict], rows: dict[str, dict], classifier, metrics_config:
-                    MetricsConfig, share_alpha: float | None = None) -> dict[str, Any]:
-    """Bias metrics per attribute (and joint attributes) from the per-image rows; ``share_alpha`` is the level of
-    the per-prompt intervals under an image plan (:func:`audit.sequential.calibrated_alpha`)."""
+                    MetricsConfig, plan=None, share_alpha: float | None = None) -> dict[str, Any]:
+    """Bias metrics per attribute (and joint attributes) from the per-image rows.
+
+    Under an image ``plan`` (:class:`audit.config.ImagesPlan`) the per-prompt intervals are at the plan's
+    calibrated level ``share_alpha`` (:func:`audit.sequential.calibrated_alpha`), and the debiased RD of each
+    two-class attribute that decided the stopping is corrected for the stopping rule's bias
+    (:func:`audit.sequential.stopping_bias`)."""
+    from audit.sequential import stopping_bias
+
     from audit.calibrate import load_calibration
     from audit.metrics import joint_classes, joint_probs, summarize_attribute
 
@@ -185,10 +191,14 @@ def compute_metrics(prompts: list[str], records: list[dict], rows: dict[str, dic
             labels.append(lab)
             probs.append(prob)
             n_abstain.append(abstained)
+        decided = plan is not None and name in (plan.attributes or classifier.attributes)
+        shift = stopping_bias(plan.looks(), plan.target_halfwidth, share_alpha, metrics_config.interval) \
+            if decided and len(classes) == 2 else None
         out[name] = summarize_attribute(
             prompts, labels, probs, classes, [len(by_prompt[p]) for p in prompts], n_abstain, target=target,
             confusion=confusion.get(name), alpha=metrics_config.alpha, n_boot=metrics_config.n_boot,
             seed=metrics_config.seed, interval=metrics_config.interval, share_alpha=share_alpha,
+            debiased_shift=shift,
         )
     return out
 
@@ -344,7 +354,8 @@ def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | Non
         settings = run_settings(generator, {p: len(config.seeds) for p in prompts}, config.seeds)
     rows = classify_store(store, records, config.faces, classifier, clip_score=config.metrics.clip_score,
                           progress=progress)
-    attributes = compute_metrics(prompts, records, rows, classifier, config.metrics, share_alpha=share_alpha)
+    attributes = compute_metrics(prompts, records, rows, classifier, config.metrics,
+                                 plan=config.plan if images_dir is None else None, share_alpha=share_alpha)
     n_face = sum(rows[r["key"]]["face"] for r in records)
     metrics = {
         "run": {"name": config.name, **settings, "n_images": len(records), "classifier": classifier.identity(),

@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
-from audit.metrics import Interval, share_intervals
+from audit.metrics import Interval, debiased_rd, share_intervals
 from generators.config import UserError
 
 # Width of the window of true shares over which the stopping-time coverage is averaged before it is compared
@@ -62,6 +62,27 @@ def _bounds(n: int, alpha: float, method: Interval) -> tuple[np.ndarray, np.ndar
     return ci[:, 0], ci[:, 1]
 
 
+def _walk(p: np.ndarray, plan_looks: Sequence[int], alpha: float, target: float, method: Interval):
+    """The distribution of a class's count at each look over the paths still running; yields, per look, ``(n,
+    stopped, low, high)`` with ``stopped[i, k]`` the probability of stopping there with count k (true share
+    ``p[i]``) and the look's interval bounds per count."""
+    dist = np.ones((len(p), 1))
+    prev = 0
+    for i, n in enumerate(plan_looks):
+        step = n - prev
+        pmf = stats.binom.pmf(np.arange(step + 1)[None, :], step, p[:, None])
+        new = np.zeros((len(p), n + 1))
+        for j in range(step + 1):
+            new[:, j:j + dist.shape[1]] += dist * pmf[:, j:j + 1]
+        low, high = _bounds(n, alpha, method)
+        stop = (high - low) / 2 <= target + 1e-12
+        if i == len(plan_looks) - 1:
+            stop[:] = True
+        yield n, np.where(stop, new, 0.0), low, high
+        new[:, stop] = 0.0
+        dist, prev = new, n
+
+
 def stopping_miss(shares: Sequence[float], plan_looks: Sequence[int], alpha: float, target: float,
                   method: Interval = "wilson") -> tuple[np.ndarray, np.ndarray]:
     """Exact probability that a class's share interval misses its true share at the look where the plan stops.
@@ -81,25 +102,46 @@ def stopping_miss(shares: Sequence[float], plan_looks: Sequence[int], alpha: flo
         ``(miss, expected_n)``, each shape (P,).
     """
     p = np.asarray(shares, dtype=float)
-    dist = np.ones((len(p), 1))
     miss, expected = np.zeros(len(p)), np.zeros(len(p))
-    prev = 0
-    for i, n in enumerate(plan_looks):
-        step = n - prev
-        pmf = stats.binom.pmf(np.arange(step + 1)[None, :], step, p[:, None])
-        new = np.zeros((len(p), n + 1))
-        for j in range(step + 1):
-            new[:, j:j + dist.shape[1]] += dist * pmf[:, j:j + 1]
-        low, high = _bounds(n, alpha, method)
-        stop = (high - low) / 2 <= target + 1e-12
-        if i == len(plan_looks) - 1:
-            stop[:] = True
+    for n, stopped, low, high in _walk(p, plan_looks, alpha, target, method):
         out = (low[None, :] > p[:, None]) | (high[None, :] < p[:, None])
-        miss += (new * (stop & out)).sum(axis=1)
-        expected += n * (new * stop).sum(axis=1)
-        new[:, stop] = 0.0
-        dist, prev = new, n
+        miss += (stopped * out).sum(axis=1)
+        expected += n * stopped.sum(axis=1)
     return miss, expected
+
+
+@functools.lru_cache(maxsize=64)
+def _debiased_at_stop(plan_looks: tuple[int, ...], target: float, alpha: float, method: Interval
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    grid = np.linspace(0.0, 1.0, 401)
+    mean = np.zeros(len(grid))
+    for n, stopped, _, _ in _walk(grid, plan_looks, alpha, target, method):
+        k = np.arange(n + 1)
+        mean += stopped @ debiased_rd(np.stack([n - k, k], axis=1))
+    return grid, mean - np.abs(2 * grid - 1)
+
+
+def stopping_bias(plan_looks: Sequence[int], target: float, alpha: float, method: Interval = "wilson"):
+    """The bias that a plan's stopping rule adds to the debiased RD of a two-class attribute, as a function.
+
+    Stopping once an interval is narrow stops early when the shares *look* extreme, so at the stopping look they
+    are more extreme than the truth on average and RD comes out high (by up to 0.017 for a 95/5 prompt with a
+    plan 32..320 and target 0.063). The exact expectation of :func:`audit.metrics.debiased_rd` at the stopping
+    look, for every true share on a grid (the dynamic programme of :func:`stopping_miss`), minus the true RD is the
+    bias; the returned function evaluates it at observed shares (a plug-in correction: what remains is the bias's
+    change between the observed and the true share, second order).
+
+    Returns:
+        ``shares (R, 2) -> bias (R,)``, NaN rows giving NaN.
+    """
+    grid, bias = _debiased_at_stop(tuple(plan_looks), float(target), float(alpha), method)
+
+    def shift(shares: np.ndarray) -> np.ndarray:
+        s = np.asarray(shares, dtype=float)
+        out = np.interp(np.nan_to_num(s[..., 1]), grid, bias)
+        return np.where(np.isnan(s[..., 1]), np.nan, out)
+
+    return shift
 
 
 def _window_max(miss: np.ndarray) -> float:
