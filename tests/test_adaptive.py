@@ -169,3 +169,26 @@ def test_adaptive_sampling_stops_at_the_same_counts_after_sigkill_and_on_two_pro
     assert final.returncode == 0, stderr[-2000:]
     assert json.loads(stdout.strip().splitlines()[-1]) == counts
     assert _records(sharded) == reference
+
+
+@pytest.mark.slow
+def test_cli_audit_with_a_plan_records_it_and_the_counts(tmp_path, monkeypatch):
+    """The README's adaptive audit on the lab world (reduced: two occupations, max 48)."""
+    from debias.cli import main
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "plan"
+    assert main(["audit", "--config", "configs/experiments/lab.yaml", "--out", str(out), "--quiet",
+                 "--set", "images_per_prompt={target_halfwidth: 0.15, min: 16, max: 48, block: 16, "
+                 "attributes: [gender]}", "--set", "prompts.occupations=[engineer, chef]", "--set",
+                 "card.enabled=false", "--set", "metrics.n_boot=50"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    run = metrics["run"]
+    assert run["images_plan"]["target_halfwidth"] == 0.15 and run["images_plan"]["looks"] == [16, 32, 48]
+    used = run["images_by_prompt"]
+    assert set(used.values()) <= {16, 32, 48} and run["n_images"] == sum(used.values())
+    assert json.loads((out / "run.json").read_text())["settings"]["images_by_prompt"] == used
+    gender = metrics["attributes"]["gender"]
+    assert gender["share_alpha"] == run["images_plan"]["share_alpha"] < 0.05
+    assert {p["prompt"]: p["n_images"] for p in gender["per_prompt"]} == used
+    assert "Image plan" in (out / "report.html").read_text()
