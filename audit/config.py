@@ -27,7 +27,7 @@ class MetricsConfig:
     )
     interval: Literal["wilson", "jeffreys"] = option("wilson", help="per-class share interval")
     alpha: float = option(0.05, help="1 - confidence level of every interval")
-    n_boot: int = option(1000, help="bootstrap replicates (prompts, then images within prompts)")
+    n_boot: int = option(1000, help="bootstrap replicates (prompts resampled with their images)")
     seed: int = option(0, help="bootstrap seed")
     joint: list[list[str]] = option(
         default_factory=lambda: [["gender", "race"]], help="attribute pairs also measured jointly (8 gender x race cells)"
