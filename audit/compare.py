@@ -6,7 +6,9 @@ paired and far less noisy than two independent audits. Unmatched images are coun
 
 Statistics, per attribute:
 
-- ``rd_before`` / ``rd_after``: mean RD of each full run with its interval, as in its ``metrics.json``.
+- ``rd_before`` / ``rd_after``: mean RD of each full run with its interval, as in its ``metrics.json``, and each
+  run's noise floor and debiased RD (``rd_floor_*``, ``rd_debiased_*``, ``rd_debiased_ci_*``, see
+  :func:`audit.metrics.debiased_rd`): raw RD near its floor is mostly sampling noise.
 - ``matched``: mean RD recomputed on the matched images, over prompts with a classified face in both runs, the
   change ``after - before`` and the relative change ``(after - before) / before``.
 - ``per_prompt``: hard shares of each side recomputed from the matched predictions (Wilson intervals), RD of
@@ -351,6 +353,9 @@ def compare_runs(before: Mapping[str, Any], after: Mapping[str, Any], n_boot: in
             "rd_before": ba.get("rd"), "rd_before_ci": ba.get("rd_ci"),
             "rd_after": aa.get("rd"), "rd_after_ci": aa.get("rd_ci"),
             "run_change": (aa["rd"] - ba["rd"]) if ba.get("rd") is not None and aa.get("rd") is not None else None,
+            # Each run's noise floor and debiased RD (audit.metrics), so the page can say when a side is balanced.
+            **{f"{key}_{side}": run.get(key) for side, run in (("before", ba), ("after", aa))
+               for key in ("rd_floor", "rd_debiased", "rd_debiased_ci")},
         }
         if list(aa["classes"]) != classes:
             skipped[name] = f"classes differ (before {classes}, after {list(aa['classes'])})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Literal, Mapping, Sequence
 
+from audit import sequential
 from audit.card import CardConfig
 from audit.classify import ClassifierConfig
 from audit.faces import FaceConfig
@@ -29,8 +30,8 @@ class MetricsConfig:
     )
     interval: Literal["wilson", "jeffreys"] = option("wilson", help="per-class share interval")
     alpha: float = option(0.05, help="1 - confidence level of every interval")
-    n_boot: int = option(1000, help="bootstrap replicates of every interval (mean RD: prompts, then images within "
-                                    "prompts; CLIP score: prompts)")
+    n_boot: int = option(1000, help="bootstrap replicates of every aggregate interval (prompts resampled with their "
+                                    "images)")
     seed: int = option(0, help="bootstrap seed")
     joint: list[list[str]] | None = option(
         None, help="attribute pairs also measured jointly, e.g. [[gender, race]] (8 cells); default: gender x race "
@@ -100,6 +101,42 @@ class MetricsConfig:
 
 
 @dataclass
+class ImagesPlan:
+    """Adaptive image counts: sample each prompt in blocks of seeds and stop once its share intervals are narrow.
+
+    The prompt's share intervals are computed at a level calibrated for the stopping rule (:mod:`audit.sequential`),
+    so they stay valid although the count depends on the data. Seeds are always ``seed_offset, seed_offset + 1,
+    ...``: an audit of another model with the same plan uses the same seeds, and ``compare`` pairs the seeds both
+    sampled.
+    """
+
+    target_halfwidth: float = option(help="stop a prompt once every share interval has at most this half-width "
+                                          "(e.g. 0.05 for +-5 points)")
+    min: int = option(32, help="images per prompt before the first look")
+    max: int = option(320, help="images per prompt at most (the last look)")
+    block: int = option(16, help="images added between looks (a block of consecutive seeds)")
+    attributes: list[str] = option(default_factory=list,
+                                   help="attributes whose intervals must be narrow; empty: every classifier attribute")
+
+    def __post_init__(self):
+        if not 0 < self.target_halfwidth < 0.5:
+            raise ConfigError(f"config key 'images_per_prompt.target_halfwidth': must be in (0, 0.5), got "
+                              f"{self.target_halfwidth}; e.g. 0.05")
+        for name in ("min", "max", "block"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key 'images_per_prompt.{name}': must be a positive integer, got "
+                                  f"{getattr(self, name)}")
+        if self.max < self.min:
+            raise ConfigError(f"config key 'images_per_prompt.max': {self.max} is below min {self.min}; "
+                              "raise max or lower min")
+        check_range("images_per_prompt.max", self.max, 1, MAX_IMAGES_PER_PROMPT)
+
+    def looks(self) -> list[int]:
+        """Image counts at which a prompt may stop."""
+        return sequential.looks(self.min, self.max, self.block)
+
+
+@dataclass
 class AuditConfig:
     """Everything an audit needs: the generator, the prompts and seeds, faces, the classifier, metrics, the card."""
 
@@ -107,7 +144,8 @@ class AuditConfig:
         help="the text-to-image model under audit: a mapping, or a name in configs/generators/", named="generators"
     )
     prompts: PromptConfig = option(default_factory=PromptConfig, help="the neutral prompts to audit")
-    images_per_prompt: int = option(160, help="images per prompt (the paper uses 160)")
+    images_per_prompt: int | ImagesPlan = option(
+        160, help="images per prompt (the paper uses 160), or an adaptive plan {target_halfwidth, min, max, block}")
     seed_offset: int = option(0, help="first seed; prompt p uses seeds seed_offset .. seed_offset+N-1")
     name: str = option("", help="free-text name of the experiment, shown in reports")
     faces: FaceConfig = option(default_factory=FaceConfig, help="face detection and cropping before classification")
@@ -119,10 +157,12 @@ class AuditConfig:
     card: CardConfig = option(default_factory=CardConfig, help="classifier bias card written next to every audit")
 
     def __post_init__(self):
-        if self.images_per_prompt < 1:
-            raise ConfigError(f"config key 'images_per_prompt': must be a positive integer, got {self.images_per_prompt}")
-        check_range("images_per_prompt", self.images_per_prompt, 1, MAX_IMAGES_PER_PROMPT)
-        check_range("seed_offset", self.seed_offset, 0, MAX_SEED - self.images_per_prompt + 1)
+        if isinstance(self.images_per_prompt, int):
+            if self.images_per_prompt < 1:
+                raise ConfigError(f"config key 'images_per_prompt': must be a positive integer, got "
+                                  f"{self.images_per_prompt}")
+            check_range("images_per_prompt", self.images_per_prompt, 1, MAX_IMAGES_PER_PROMPT)
+        check_range("seed_offset", self.seed_offset, 0, MAX_SEED - self.max_images + 1)
 
     def check(self, images: bool = False, generator: bool = True) -> list[str]:
         """Everything the audit would reject, checked before any model loads or any folder is written.
@@ -151,5 +191,16 @@ class AuditConfig:
         return prompts
 
     @property
+    def plan(self) -> ImagesPlan | None:
+        """The adaptive image plan, or None for a fixed count."""
+        return self.images_per_prompt if isinstance(self.images_per_prompt, ImagesPlan) else None
+
+    @property
+    def max_images(self) -> int:
+        """Images per prompt at most: the fixed count, or the plan's ``max``."""
+        return self.plan.max if self.plan else self.images_per_prompt
+
+    @property
     def seeds(self) -> list[int]:
-        return list(range(self.seed_offset, self.seed_offset + self.images_per_prompt))
+        """Every seed a prompt may use (a plan stops each prompt at a prefix of them)."""
+        return list(range(self.seed_offset, self.seed_offset + self.max_images))

@@ -14,25 +14,40 @@ Metrics (the reference protocol, arXiv 2502.03429, and "CLIP the Bias", Alabdulm
 - ``rb``: representation bias ``max_k |share_k - target_k|``.
 - ``ab``: association bias ``max_{k, r} |P(k | r) - P(k)|``, ``P(k)`` the share pooled over the images of all prompts.
 
+The noise floor of RD. RD is a mean of absolute differences of *estimated* shares, so sampling noise biases it
+upwards: a perfectly balanced generator audited with 160 images per prompt reports, in expectation, gender RD 0.063,
+race 0.044 and gender x race 0.032. Next to every RD (per prompt and mean) the summary reports
+
+- ``rd_floor`` (:func:`rd_floor`): the exact expected RD of a generator that matches the target, at the observed
+  counts (raw RD near it is indistinguishable from noise);
+- ``rd_debiased`` (:func:`debiased_rd`): an estimate of the population RD that is exactly unbiased at balance and
+  equal to the plug-in at clear skew, shrinking towards 0 in between;
+- ``rd_debiased_ci``: an interval for the population RD that stays valid near zero (per prompt
+  :func:`rd_debiased_intervals`; aggregated the bracket [lower bound of ``rd_debiased``, upper bound of ``rd``]).
+
+Raw ``rd`` stays the headline, comparable with published tables (which share the same floor without saying so).
+
 Conventions.
 
 - A prompt with no classified face has undefined shares: NaN in the array functions, ``None`` in the JSON summary.
   It is left out of every mean and of the bootstrap, and counted (``n_prompts_empty`` / ``empty_prompts``).
 - Abstentions (faces the classifier would not label) and images without a face are never silently dropped: they
   are left out of the shares but reported as ``abstain_rate`` and ``no_face_rate``.
-- Aggregate intervals come from a two-level bootstrap (prompts, then images within prompts), re-centred on the
-  estimate: see :func:`bootstrap_replicates` for why the plain percentile interval cannot be used here.
+- Aggregate intervals come from a bootstrap over prompts (expanded percentile, re-centred on the estimate): see
+  :func:`bootstrap_replicates` for the estimand and why images are not resampled a second time. Their measured
+  coverage is in ``benchmarks/bench_coverage.py``.
 - :func:`summarize_attribute` returns strict JSON: plain ``float``/``int``/``list``, undefined values as ``None``.
 - Bad input raises :class:`generators.config.UserError` naming the argument, the bad value and the fix.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 from scipy import optimize, special, stats
@@ -70,6 +85,23 @@ METRICS: dict[str, MetricInfo] = {
             True,
             "0 (balanced) .. 2/K (all in one class): gender 0..1, race 0..0.5, gender x race 0..0.25",
             "mean over class pairs of |share_i - share_j| per prompt (hard shares), averaged over prompts",
+        ),
+        MetricInfo(
+            "rd_floor",
+            True,
+            "0 .. 2/K, falls as 1/sqrt(images): gender 0.063 at 160 images, 0.099 at 64",
+            "noise floor of rd: the expected rd of a generator that matches the target exactly, at the audit's "
+            "image counts; a property of the audit's size, not of the generator (raw rd near it means 'close to "
+            "balanced')",
+        ),
+        MetricInfo(
+            "rd_debiased",
+            True,
+            "about 0 (balanced; can be slightly negative) .. 2/K",
+            "rd with its sampling-noise bias removed by a leave-one-out pair estimator: exactly unbiased for a "
+            "balanced generator, equal to rd when the skew is clear, shrunk towards 0 in between (in expectation "
+            "rd_debiased <= true RD <= rd), slightly negative at times; its interval runs from the lower bound of "
+            "rd_debiased to the upper bound of rd, and reaching 0 means indistinguishable from balanced",
         ),
         MetricInfo(
             "rd_soft",
@@ -543,27 +575,275 @@ def share_intervals(counts: Any, alpha: float = 0.05, method: Interval = "wilson
     return np.stack([low, high], axis=-1)
 
 
-# ------------------------------------------------------------------------------------------------------ bootstrap
+# ------------------------------------------------------------------------------------- noise floor and debiased RD
 
-# Boots per chunk are sized so one chunk's (boots, prompts, K) arrays stay around 8 MB; chunks are seeded by index
-# (SeedSequence.spawn), so results depend on the seed and the data only, never on the number of threads.
+# Half-width of the linear core of the debiased pair estimator, in standard deviations of c_i - c_j under balance:
+# at 160 images per prompt it keeps the spread at balance near raw RD's (sd 0.054 vs 0.048 for gender) while its
+# shrinkage at slight skew stays below 0.045 (benchmarks/bench_coverage.py, floor table).
+DEBIAS_KAPPA = 2.0
+# Replicates of the per-prompt parametric bootstrap behind rd_debiased_ci for K > 2 (one interval per prompt).
+PROMPT_BOOT = 200
+# Bootstrap work is chunked so one chunk's (replicates, prompts, K) arrays stay around 8 MB; chunks are seeded by
+# index, so results depend on the seed and the data only, never on the number of threads.
 _CHUNK_CELLS = 1 << 20
 
 
+@functools.lru_cache(maxsize=65536)
+def _pair_abs_gap(n: int, s: float, q: float) -> float:
+    """``E|c_i - c_j| / n`` for ``(c_i, c_j, rest) ~ Multinomial(n, (s q, s (1 - q), 1 - s))``, exactly.
+
+    ``m = c_i + c_j ~ Binomial(n, s)`` and, given m, ``c_i ~ Binomial(m, q)``: a double sum over (m, c_i). Values of
+    m with probability below 1e-15 of the most likely one are skipped (their total is far below float precision).
+    """
+    if n == 0 or s <= 0:
+        return 0.0
+    m = np.arange(n + 1)
+    pm = stats.binom.pmf(m, n, s)
+    keep = pm > pm.max() * 1e-15
+    m, pm = m[keep], pm[keep]
+    x = np.arange(int(m.max()) + 1)
+    px = stats.binom.pmf(x[None, :], m[:, None], q)
+    return float(pm @ (px * np.abs(2 * x[None, :] - m[:, None])).sum(axis=1)) / n
+
+
+def expected_rd(n: Any, shares: Any) -> float | np.ndarray:
+    """Exact expected RD of an audit with ``n`` classified images per prompt drawn from ``shares``.
+
+    ``E[rd(c / n)]`` for ``c ~ Multinomial(n, shares)``, summed pair by pair: RD is a mean over class pairs of
+    ``|c_i - c_j| / n`` and each pair's counts are a trinomial (:func:`_pair_abs_gap`), so no K-dimensional
+    enumeration is needed. With the uniform shares this is the *noise floor* of RD (:func:`rd_floor`).
+
+    Args:
+        n: Classified images per prompt, an integer or shape (R,).
+        shares: Class probabilities, shape (K,) or (R, K).
+
+    Returns:
+        A float, or shape (R,); NaN where ``n == 0``.
+
+    Raises:
+        UserError: Shares that are not probability vectors, or counts that are not non-negative integers.
+    """
+    s = _check_dist(shares, "shares", allow_nan_rows=False)
+    nn = np.asarray(n)
+    if nn.size and (not np.issubdtype(nn.dtype, np.number) or (nn < 0).any() or (nn != np.round(nn)).any()):
+        raise UserError(f"n: expected non-negative integer image counts, got {n!r}; pass classified images per prompt")
+    nn, s2 = np.broadcast_arrays(nn.astype(np.int64)[..., None], s)
+    nn = nn[..., 0]
+    k = s2.shape[-1]
+    flat_n, flat_s = nn.ravel(), s2.reshape(-1, k)
+    out = np.empty(len(flat_n))
+    for r, (m, p) in enumerate(zip(flat_n.tolist(), flat_s)):
+        if m == 0:
+            out[r] = np.nan
+            continue
+        total = 0.0
+        for i in range(k):
+            for j in range(i + 1, k):
+                tot = p[i] + p[j]
+                total += _pair_abs_gap(m, round(float(tot), 12), round(float(p[i] / tot), 12) if tot > 0 else 0.5)
+        out[r] = total / (k * (k - 1) / 2)
+    return _out(out.reshape(nn.shape))
+
+
+def rd_floor(counts: Any, target: Any = None) -> np.ndarray:
+    """The noise floor of RD per prompt: the expected RD of a generator that matches ``target`` exactly, audited
+    with this prompt's number of classified images (:func:`expected_rd` at the target shares).
+
+    With a uniform target, RD's true value is 0 and the floor is what sampling noise alone adds: 0.063 for gender
+    (K = 2), 0.044 for race (K = 4) and 0.032 for gender x race (K = 8) at 160 images, 0.099 for gender at 64. It
+    falls as 1/sqrt(n). Raw RD near the floor says nothing beyond "close to balanced"; use :func:`debiased_rd`.
+
+    Args:
+        counts: Class counts per prompt, shape (R, K).
+        target: Target shares, shape (K,); uniform when None.
+
+    Returns:
+        Shape (R,); NaN for prompts without a classified face.
+    """
+    c = _check_counts(counts)
+    t = _check_target(target, c.shape[1])
+    n = c.sum(axis=1)
+    out = np.full(len(c), np.nan)
+    for m in np.unique(n[n > 0]):
+        out[n == m] = expected_rd(int(m), t)
+    return out
+
+
+def _debiased(c: np.ndarray, axis: int = -1) -> np.ndarray:
+    c = np.moveaxis(np.asarray(c), axis, 0).astype(float)
+    k = len(c)
+    n = c.sum(axis=0)
+    acc = np.zeros(c.shape[1:])
+    for i in range(k):
+        for j in range(i + 1, k):
+            d, m = c[i] - c[j], c[i] + c[j]
+            h = DEBIAS_KAPPA * np.sqrt(np.maximum(m, 1.0))
+            acc += c[i] * np.clip((d - 1) / h, -1, 1) - c[j] * np.clip((d + 1) / h, -1, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, acc / np.where(n > 0, n, 1), np.nan) / (k * (k - 1) / 2)
+
+
+def debiased_rd(counts: Any) -> float | np.ndarray:
+    """A bias-corrected estimate of the population RD per prompt, exactly unbiased at balance.
+
+    Estimator. For a class pair (i, j) let each classified image contribute ``X = +1`` (class i), ``-1`` (class j)
+    or 0, so ``D = c_i - c_j = sum X`` and ``|p_i - p_j| = |E X|``. The pair's estimate is the leave-one-out sum
+
+        ``T_ij = (1/n) sum_images X * psi(D - X)``,  ``psi(d) = clip(d / h, -1, 1)``,  ``h = kappa sqrt(c_i + c_j)``
+
+    i.e. ``(c_i psi(D - 1) - c_j psi(D + 1)) / n``; RD's estimate is the mean of ``T_ij`` over pairs. Inside the
+    linear core (``|D| + 1 <= h``) this is ``(D^2 - c_i - c_j) / (n h)``, a multiple of the unbiased estimate of
+    ``(p_i - p_j)^2``; outside it equals the plug-in ``|D| / n``.
+
+    Properties (exact, for any n and K, because an image's ``X`` is independent of the other images' ``D - X``
+    given ``c_i + c_j``):
+
+    - ``E[T_ij] = (p_i - p_j) E[psi(D')]`` with ``D'`` the gap of the other images, so ``0 <= E[T_ij] <= |p_i -
+      p_j|``: it is unbiased at balance (E = 0 exactly) and, when ``|p_i - p_j|`` is several standard deviations,
+      equal to the plug-in (unbiased up to exponentially small terms). In between it shrinks towards 0 (at 160
+      images and K = 2 by at most 0.045 near shares 0.55/0.45). Raw RD errs the other way, so in expectation
+      ``rd_debiased <= true RD <= rd``.
+    - It can be negative (any estimator unbiased at 0 must be): at balance half the prompts give values below 0.
+      Means over prompts are therefore reported unclipped; intervals are clipped to the RD range.
+    - Spread at balance close to raw RD's (sd 0.054 vs 0.048, gender at 160 images, ``kappa = 2``).
+
+    Args:
+        counts: Class counts, shape (K,) or (R, K).
+
+    Returns:
+        A float for one row, else shape (R,); NaN where a row has no count.
+    """
+    c = np.asarray(counts)
+    c2 = _check_counts(c.reshape(1, -1) if c.ndim == 1 else c)
+    out = _debiased(c2)
+    return float(out[0]) if c.ndim == 1 else out
+
+
+def _smoothed_shares(c: np.ndarray) -> np.ndarray:
+    # Two pseudo-images spread evenly (Agresti-Coull's "add two"): a prompt whose faces all fall in one class
+    # still resamples with spread, instead of a zero-width interval at the boundary.
+    k = c.shape[-1]
+    return (c + 2.0 / k) / (c.sum(axis=-1, keepdims=True) + 2.0)
+
+
+def _binomial_chain(g: np.random.Generator, n: np.ndarray, p: np.ndarray, b: int) -> np.ndarray:
+    """``b`` multinomial draws per row as a chain of binomials (several times faster than numpy's multinomial for
+    many rows with different probabilities); returns shape (b, R, K)."""
+    r, k = p.shape
+    out = np.empty((b, r, k), dtype=np.int64)
+    left = np.broadcast_to(n, (b, r)).astype(np.int64)
+    rest = np.ones(r)
+    for j in range(k - 1):
+        x = g.binomial(left, np.clip(p[:, j] / np.maximum(rest, 1e-300), 0.0, 1.0))
+        out[..., j] = x
+        left = left - x
+        rest = rest - p[:, j]
+    out[..., k - 1] = left
+    return out
+
+
+def rd_debiased_intervals(counts: Any, alpha: float = 0.05, method: Interval = "wilson", n_boot: int = PROMPT_BOOT,
+                          seed: int = 0) -> np.ndarray:
+    """Per-prompt interval for the population RD, valid near zero.
+
+    - K = 2: RD = ``|2 p - 1|`` is a function of one share, so the share's own interval (Wilson or Jeffreys) maps
+      onto it exactly: ``[0, max(|2 lo - 1|, |2 hi - 1|)]`` when the share interval contains 1/2, else the image of
+      its ends. Its coverage is the share interval's.
+    - K > 2: a bracket. Lower end: the lower percentile bound of :func:`debiased_rd` (biased low), upper end: the
+      upper bound of raw RD (biased high), each from a parametric bootstrap of the prompt's images (``n_boot``
+      replicates, drawn from the shares smoothed by two pseudo-images so that a prompt with every face in one class
+      still has spread), each re-centred on its estimate. Because ``E[debiased] <= RD <= E[raw]``, the bracket
+      covers RD at about the nominal rate whatever the skew; exactly balanced prompts are covered more often
+      (the upper end cannot miss).
+
+    Args:
+        counts: Class counts per prompt, shape (R, K).
+        alpha: 1 - confidence level.
+        method: Share interval for K = 2.
+        n_boot: Bootstrap replicates per prompt for K > 2.
+        seed: Seed of that bootstrap.
+
+    Returns:
+        Shape (R, 2), clipped to [0, 2/K]; NaN rows for prompts without a classified face.
+    """
+    a = _check_alpha(alpha)
+    c = _check_counts(counts)
+    r, k = c.shape
+    out = np.full((r, 2), np.nan)
+    n = c.sum(axis=1)
+    used = np.flatnonzero(n > 0)
+    if not len(used):
+        return out
+    if k == 2:
+        lo, hi = share_intervals(c[used], a, method)[:, 1].T
+        ends = np.abs(2 * np.stack([lo, hi], axis=1) - 1)
+        inside = (lo <= 0.5) & (0.5 <= hi)
+        out[used, 0] = np.where(inside, 0.0, ends.min(axis=1))
+        out[used, 1] = ends.max(axis=1)
+        return out
+    nb = _check_n_boot(n_boot)
+    cu, nu = c[used], n[used]
+    raw, deb = _rd(cu / nu[:, None]), _debiased(cu)
+    per = max(1, _CHUNK_CELLS // (nb * k))
+    starts = list(range(0, len(used), per))
+    seeds = np.random.SeedSequence(seed).spawn(len(starts))
+
+    def chunk(i: int) -> np.ndarray:
+        sl = slice(starts[i], starts[i] + per)
+        cb = _binomial_chain(np.random.default_rng(seeds[i]), nu[sl], _smoothed_shares(cu[sl]), nb)
+        rb_, db_ = _rd(cb / nu[sl][None, :, None]), _debiased(cb)
+        low = deb[sl] - (np.quantile(db_, 1 - a / 2, axis=0) - db_.mean(axis=0))
+        high = raw[sl] + (rb_.mean(axis=0) - np.quantile(rb_, a / 2, axis=0))
+        return np.stack([low, high], axis=1)
+
+    workers = min(len(starts), os.cpu_count() or 1, 8)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as ex:  # numpy's samplers release the GIL
+            parts = list(ex.map(chunk, range(len(starts))))
+    else:
+        parts = [chunk(i) for i in range(len(starts))]
+    out[used] = np.clip(np.concatenate(parts), 0.0, 2 / k)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ bootstrap
+
+def expanded_alpha(alpha: float, n_units: int | None) -> float:
+    """The tail level of Hesterberg's *expanded percentile* interval for a bootstrap over ``n_units`` units.
+
+    A percentile interval of a mean over few units (prompts) is too narrow: the bootstrap variance divides by n
+    instead of n - 1, and normal instead of t quantiles apply. The expanded interval takes the replicates'
+    quantiles at ``alpha' / 2`` with ``z_{alpha'/2} = sqrt(n / (n - 1)) t_{alpha/2, n-1}`` (Hesterberg 2015,
+    "What teachers should know about the bootstrap"); with 8 prompts 95% becomes the 0.6 / 99.4 percentiles. It
+    restores nominal coverage from 8 prompts up (benchmarks/bench_coverage.py).
+
+    Args:
+        alpha: 1 - confidence level.
+        n_units: Units resampled (e.g. prompts); None or < 2 leaves ``alpha`` as it is.
+    """
+    if n_units is None or n_units < 2:
+        return alpha
+    z = math.sqrt(n_units / (n_units - 1)) * stats.t.ppf(1 - alpha / 2, n_units - 1)
+    return float(2 * stats.norm.sf(z))
+
+
 def percentile_ci(
-    samples: Any, alpha: float = 0.05, center: float | None = None, bounds: tuple[float, float] = (-math.inf, math.inf)
+    samples: Any, alpha: float = 0.05, center: float | None = None, bounds: tuple[float, float] = (-math.inf, math.inf),
+    n_units: int | None = None,
 ) -> tuple[float, float]:
-    """Equal-tailed percentile interval of bootstrap replicates, optionally re-centred on the estimate.
+    """Equal-tailed percentile interval of bootstrap replicates, optionally re-centred and expanded.
 
     With ``center``, the replicates are shifted by ``center - mean(replicates)`` before taking quantiles: the
-    interval keeps its width but is placed around the estimate instead of around the replicates' mean. This matters
-    for the two-level bootstrap of RD-like metrics (see :func:`bootstrap_replicates`).
+    interval keeps its width but is placed around the estimate instead of around the replicates' mean (which a
+    non-linear statistic such as a max or an absolute difference moves away from the estimate). With ``n_units``
+    the tails are taken at :func:`expanded_alpha` (small-sample correction).
 
     Args:
         samples: Replicate values, shape (n_boot,). NaN replicates are ignored.
         alpha: 1 - confidence level.
         center: The point estimate to centre on; plain percentile interval when None.
         bounds: The metric's range; the interval is clipped to it.
+        n_units: Units the bootstrap resampled (prompts), for the expanded interval; None for the plain one.
 
     Returns:
         ``(low, high)``; NaNs when no replicate (or a NaN ``center``) is defined.
@@ -571,7 +851,7 @@ def percentile_ci(
     Raises:
         UserError: ``alpha`` outside (0, 1).
     """
-    a = _check_alpha(alpha)
+    a = expanded_alpha(_check_alpha(alpha), n_units)
     s = np.asarray(samples, dtype=float)
     s = s[~np.isnan(s)]
     if not len(s) or (center is not None and not math.isfinite(center)):
@@ -585,7 +865,7 @@ def percentile_ci(
 def bootstrap_mean(
     values: Any, alpha: float = 0.05, n_boot: int = 1000, seed: int | np.random.Generator = 0
 ) -> tuple[float, tuple[float, float], np.ndarray]:
-    """Mean of ``values`` with a percentile bootstrap interval: values resampled with replacement ``n_boot`` times.
+    """Mean of ``values`` with an expanded percentile bootstrap interval (values resampled ``n_boot`` times).
 
     Args:
         values: Finite values, shape (n,) with n >= 1 (e.g. one per prompt).
@@ -604,54 +884,41 @@ def bootstrap_mean(
     if not len(v):
         raise UserError("values: empty; a bootstrap mean needs at least one value")
     reps = v[np.random.default_rng(seed).integers(0, len(v), size=(nb, len(v)))].mean(axis=1)
-    return float(v.mean()), percentile_ci(reps, a), reps
+    return float(v.mean()), percentile_ci(reps, a, n_units=len(v)), reps
 
 
-def _boot_chunk(ss: np.random.SeedSequence, nb: int, n: np.ndarray, p: np.ndarray, t: np.ndarray) -> np.ndarray:
-    g = np.random.default_rng(ss)
-    r, k = p.shape
-    idx = g.integers(0, r, size=(nb, r))
-    nn = n[idx]
-    # Resampling n_r images with replacement from a prompt with hard shares p_r gives Multinomial(n_r, p_r) counts
-    # exactly, so the within-prompt level costs one multinomial draw instead of n_r index draws.
-    c = np.moveaxis(g.multinomial(nn, p[idx]), -1, 0).astype(np.int32)  # (K, nb, R): class-major is ~10x faster
-    inv = 1.0 / nn
-    out = np.empty((5, nb))
-    out[0] = (_pair_gaps(c, axis=0) * inv).mean(axis=1) / (k * (k - 1) / 2)
-    # sum_k s log s = (sum_k c log c) / n - log n, with c log c read from a table of integers.
-    clogc = special.xlogy(np.arange(int(n.max()) + 1), np.arange(int(n.max()) + 1))
-    slogs = clogc[c].sum(axis=0) * inv - np.log(nn)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logt = np.log(t)
-        slogt = sum(np.where(c[i] > 0, c[i] * logt[i], 0.0) for i in range(k)) * inv
-    out[1] = (slogs - slogt).mean(axis=1)
-    out[2] = (-slogs / math.log(k)).mean(axis=1)
-    pooled = c.sum(axis=2) / nn.sum(axis=1)  # (K, nb)
-    out[3] = np.abs(pooled - t[:, None]).max(axis=0)
-    out[4] = np.max([np.abs(c[i] * inv - pooled[i][:, None]).max(axis=1) for i in range(k)], axis=0)
-    return out
+def _prompt_values(c: np.ndarray, t: np.ndarray, debiased_shift=None) -> dict[str, np.ndarray]:
+    """Per-prompt metrics of counts of shape (..., K) (every row with at least one count)."""
+    s = c / c.sum(axis=-1, keepdims=True)
+    deb = _debiased(c) - (debiased_shift(s) if debiased_shift is not None else 0.0)
+    return {"rd": _rd(s), "rd_debiased": deb, "kl": (special.xlogy(s, s) - _xlogy_target(s, t)).sum(axis=-1),
+            "entropy": _entropy(s)}
 
 
-def bootstrap_replicates(counts: Any, target: Any = None, n_boot: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
-    """Two-level bootstrap of the aggregate metrics: resample prompts, then images within each drawn prompt.
+def bootstrap_replicates(counts: Any, target: Any = None, n_boot: int = 1000, seed: int = 0,
+                         debiased_shift: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Bootstrap of the aggregate metrics over prompts: prompts are resampled with replacement, each with its images.
 
-    Rows with no face are dropped first (they have no shares to resample). Resampling a prompt's images with
-    replacement is done exactly as a multinomial draw from its observed hard shares.
+    The estimand is the metric of the population of prompts the audited ones stand for, each audited with its
+    number of images. Resampling prompts already carries each prompt's within-image noise (its observed shares are
+    noisy), so images are not resampled again: a second, within-prompt level counts that noise twice and its
+    intervals covered 99% instead of 95% for a balanced generator (benchmarks/bench_coverage.py). With a single
+    prompt there is nothing to resample between prompts and its images are resampled instead (a multinomial draw
+    from its shares): the interval is then about that prompt alone.
 
-    The replicates are biased upward relative to the estimate for metrics built on ``|.|`` or ``max`` near
-    balance (the within-prompt level adds the plug-in bias a second time: for a balanced gender generator with 160
-    images per prompt the estimate is ~0.063 and the replicates centre near ~0.089). Build intervals with
-    :func:`percentile_ci` and ``center=estimate``, as :func:`bootstrap_rd` and :func:`summarize_attribute` do.
+    Rows with no face are dropped first (they have no shares).
 
     Args:
         counts: Hard class counts per prompt, shape (R, K).
         target: Target shares, shape (K,); uniform when None.
         n_boot: Number of replicates.
-        seed: Seed; the same seed and data give the same replicates on any machine and thread count.
+        seed: Seed; the same seed and data give the same replicates on any machine.
+        debiased_shift: Per-prompt shares (R, K) -> a bias to subtract from each prompt's debiased RD (an image
+            plan's stopping bias, :func:`audit.sequential.stopping_bias`); None for none.
 
     Returns:
-        Replicates of shape (n_boot,) for ``rd``, ``kl``, ``entropy`` (means over prompts) and ``rb``, ``ab``
-        (on the pooled shares); all NaN when no prompt has a face.
+        Replicates of shape (n_boot,) for ``rd``, ``rd_debiased``, ``kl``, ``entropy`` (means over prompts) and
+        ``rb``, ``ab`` (on the pooled shares); all NaN when no prompt has a face.
 
     Raises:
         UserError: Counts of the wrong shape or not non-negative integers; bad target or n_boot.
@@ -661,28 +928,38 @@ def bootstrap_replicates(counts: Any, target: Any = None, n_boot: int = 1000, se
     nb = _check_n_boot(n_boot)
     n = c.sum(axis=1)
     c, n = c[n > 0], n[n > 0]
-    names = ("rd", "kl", "entropy", "rb", "ab")
+    names = ("rd", "rd_debiased", "kl", "entropy", "rb", "ab")
     if not len(c):
         return {m: np.full(nb, np.nan) for m in names}
-    p = c / n[:, None]
-    per = max(1, _CHUNK_CELLS // (len(c) * c.shape[1]))
-    sizes = [min(per, nb - i) for i in range(0, nb, per)]
-    seeds = np.random.SeedSequence(seed).spawn(len(sizes))
-    workers = min(len(sizes), os.cpu_count() or 1, 8)
-    if workers > 1:
-        # numpy's samplers and ufuncs release the GIL, so threads scale on the multinomial draws.
-        with ThreadPoolExecutor(workers) as ex:
-            parts = list(ex.map(lambda a: _boot_chunk(a[0], a[1], n, p, t), zip(seeds, sizes)))
-    else:
-        parts = [_boot_chunk(s, b, n, p, t) for s, b in zip(seeds, sizes)]
-    return dict(zip(names, np.concatenate(parts, axis=1)))
+    g = np.random.default_rng(seed)
+    r, k = c.shape
+    if r == 1:
+        cb = g.multinomial(n[0], c[0] / n[0], size=nb)[:, None, :]
+        out = {m: v[:, 0] for m, v in _prompt_values(cb, t, debiased_shift).items()}
+        return out | {"rb": np.abs(cb[:, 0] / n[0] - t).max(axis=1), "ab": np.zeros(nb)}
+    values = _prompt_values(c, t, debiased_shift)
+    shares = c / n[:, None]
+    out = {m: np.empty(nb) for m in names}
+    per = max(1, _CHUNK_CELLS // (r * k))
+    for start in range(0, nb, per):
+        b = min(per, nb - start)
+        idx = g.integers(0, r, size=(b, r))
+        # w[b, i]: how often replicate b drew prompt i; every mean over the drawn prompts is then one product.
+        w = np.bincount((idx + r * np.arange(b)[:, None]).ravel(), minlength=b * r).reshape(b, r)
+        sl = slice(start, start + b)
+        for m, v in values.items():
+            out[m][sl] = w @ v / r
+        pooled = (w @ c) / (w @ n)[:, None]
+        out["rb"][sl] = np.abs(pooled - t).max(axis=1)
+        out["ab"][sl] = np.where(w > 0, np.abs(shares[None] - pooled[:, None]).max(axis=2), 0.0).max(axis=1)
+    return out
 
 
 def bootstrap_rd(counts: Any, alpha: float = 0.05, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean RD over prompts with a two-level (prompts, then images) bootstrap interval.
+    """Mean RD over prompts with its bootstrap interval over prompts (:func:`bootstrap_replicates`).
 
-    The interval is the percentile interval of the replicates re-centred on the estimate (see
-    :func:`bootstrap_replicates` for why), clipped to the RD range [0, 2/K].
+    The interval is the expanded percentile interval of the replicates re-centred on the estimate, clipped to the
+    RD range [0, 2/K].
 
     Args:
         counts: Hard class counts per prompt, shape (R, K); rows with no face are left out.
@@ -700,7 +977,8 @@ def bootstrap_rd(counts: Any, alpha: float = 0.05, n_boot: int = 1000, seed: int
     c = _check_counts(counts)
     value = _nanmean(_rd(shares_from_counts(c)))
     reps = bootstrap_replicates(c, None, n_boot, seed)["rd"]
-    low, high = percentile_ci(reps, alpha, center=value, bounds=(0.0, 2 / c.shape[1]))
+    low, high = percentile_ci(reps, alpha, center=value, bounds=(0.0, 2 / c.shape[1]),
+                              n_units=int((c.sum(axis=1) > 0).sum()))
     return value, low, high
 
 
@@ -767,6 +1045,47 @@ def correct_shares(observed: Any, confusion: Any) -> np.ndarray:
     return out.reshape(q.shape)
 
 
+def corrected_intervals(intervals: Any, confusion: Any) -> np.ndarray:
+    """Intervals for the error-corrected shares: the range of each corrected share over the observed shares'
+    intervals.
+
+    The corrected shares are linear in the observed ones, ``p = A q`` with ``A = (C^T)^-1``. For each class the
+    smallest and largest ``a_k . q`` over the box of the observed per-class intervals intersected with the simplex
+    (``sum q = 1``) are found greedily (a fractional knapsack: start from the lower ends, give the remaining mass
+    to the classes with the smallest, or largest, coefficients first). With two classes this is the exact image of
+    the observed share's interval, so its coverage is that interval's; with more it is conservative. The
+    confusion matrix is taken as exact: the uncertainty of its own estimate (from the calibration set) is not
+    included.
+
+    Args:
+        intervals: Observed share intervals, shape (R, K, 2) as :func:`share_intervals` returns them.
+        confusion: Confusion matrix (K, K), ``C[i][j] = P(predict j | true i)``.
+
+    Returns:
+        Shape (R, K, 2), clipped to [0, 1]; NaN rows where the observed interval is undefined, all NaN when the
+        confusion matrix is (nearly) singular.
+    """
+    b = np.asarray(intervals, dtype=float)
+    c = _check_confusion(confusion, b.shape[1])
+    out = np.full(b.shape, np.nan)
+    if np.linalg.cond(c) >= 1e10:
+        return out
+    a = np.linalg.inv(c.T)
+    lo, hi = b[..., 0], b[..., 1]
+    ok = np.isfinite(b).all(axis=(1, 2))
+    lo, hi = lo[ok], hi[ok]
+    for k in range(len(a)):
+        for col, order in ((0, np.argsort(a[k])), (1, np.argsort(-a[k]))):
+            q = lo.copy()
+            left = 1.0 - q.sum(axis=1)
+            for j in order:
+                add = np.clip(np.minimum(left, hi[:, j] - lo[:, j]), 0.0, None)
+                q[:, j] += add
+                left = left - add
+            out[ok, k, col] = q @ a[k]
+    return np.clip(out, 0.0, 1.0)
+
+
 # -------------------------------------------------------------------------------------------------- joint labels
 
 
@@ -831,15 +1150,66 @@ def joint_classes(classes_a: Sequence[str], classes_b: Sequence[str], sep: str =
 
 # -------------------------------------------------------------------------------------------------- paired change
 
+# Above this many non-zero differences the exact null distribution (cost ~ n^3) gives way to the normal one.
+EXACT_SIGNED_RANK_MAX = 200
+
+
+def signed_rank_test(differences: Any) -> dict[str, Any]:
+    """Two-sided Wilcoxon signed-rank test of "no change", exact whenever it can be.
+
+    Zero differences are dropped first (Wilcoxon's own convention, scipy's ``zero_method="wilcox"``): a prompt
+    whose value did not move carries no sign. The remaining absolute differences are ranked with mid-ranks for
+    ties. Up to :data:`EXACT_SIGNED_RANK_MAX` differences the p-value comes from the exact null distribution of
+    the positive rank sum given those (tied) ranks, every sign pattern equally likely, counted by dynamic
+    programming over the doubled ranks (integers); beyond it from the normal approximation with the tie
+    correction. scipy's own ``wilcoxon`` silently switches to the normal approximation as soon as a zero or a tie
+    is present (on 19 equal-signed differences plus one zero it reports 1.3e-4; the exact value is 2 / 2^19 =
+    3.8e-6).
+
+    Args:
+        differences: The per-prompt changes, shape (n,), finite.
+
+    Returns:
+        ``statistic`` (the smaller of the positive and negative rank sums, as scipy reports it), ``p_value``,
+        ``method`` ("exact", "normal", or "none" when every difference is zero: no evidence of change, p = 1),
+        ``n_zero`` (differences dropped).
+    """
+    d = np.asarray(differences, dtype=float).ravel()
+    nz = d[d != 0]
+    n_zero = int(len(d) - len(nz))
+    if not len(nz):
+        return {"statistic": 0.0, "p_value": 1.0, "method": "none", "n_zero": n_zero}
+    ranks2 = np.round(2 * stats.rankdata(np.abs(nz))).astype(np.int64)  # mid-ranks are halves: doubled, integers
+    total2 = int(ranks2.sum())
+    plus2 = int(ranks2[nz > 0].sum())
+    low2 = min(plus2, total2 - plus2)
+    if len(nz) <= EXACT_SIGNED_RANK_MAX:
+        # dist[s]: P(positive doubled rank sum = s) when each sign is + or - with probability 1/2.
+        dist = np.zeros(total2 + 1)
+        dist[0] = 1.0
+        for r2 in ranks2.tolist():
+            shifted = np.zeros_like(dist)
+            shifted[r2:] = dist[:-r2]
+            dist = (dist + shifted) / 2
+        p, method = min(1.0, 2 * float(dist[: low2 + 1].sum())), "exact"
+    else:
+        ranks = ranks2 / 2
+        mean = ranks.sum() / 2
+        var = (ranks**2).sum() / 4  # = n(n+1)(2n+1)/24 less the tie correction
+        z = (low2 / 2 - mean) / math.sqrt(var) if var > 0 else 0.0
+        p, method = min(1.0, float(2 * stats.norm.cdf(z))), "normal"
+    return {"statistic": low2 / 2, "p_value": p, "method": method, "n_zero": n_zero}
+
 
 def paired_change(
     before: Any, after: Any, alpha: float = 0.05, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
     """Paired before/after comparison of a per-prompt metric (same prompts, same seeds).
 
-    Pairs where either value is undefined (NaN/None, e.g. no face) are dropped and counted. The Wilcoxon
-    signed-rank test drops zero differences (``zero_method="wilcox"``); when every difference is zero there is no
-    evidence of change and the result is ``statistic 0, p_value 1``.
+    Pairs where either value is undefined (NaN/None, e.g. no face) are dropped and counted. The test is
+    :func:`signed_rank_test` (zero differences dropped, exact p-value up to 200 non-zero pairs); when every
+    difference is zero there is no evidence of change and the result is ``statistic 0, p_value 1``. The interval
+    of the mean change is the expanded percentile bootstrap over prompts (:func:`bootstrap_mean`).
 
     Args:
         before: Per-prompt values before, shape (R,).
@@ -851,7 +1221,8 @@ def paired_change(
     Returns:
         JSON-ready dict: ``n`` (pairs used), ``n_dropped``, ``mean_change`` (after - before), ``ci``,
         ``median_change``, ``n_down``/``n_up``/``n_tied`` (prompts whose value fell/rose/stayed), ``statistic``,
-        ``p_value``, and ``changes`` (per prompt, input order, ``None`` where dropped).
+        ``p_value``, ``test_method`` ("exact", "normal" or "none"), and ``changes`` (per prompt, input order,
+        ``None`` where dropped).
 
     Raises:
         UserError: Arrays of different shapes, or no prompt defined in both.
@@ -870,11 +1241,7 @@ def paired_change(
     if not keep.any():
         raise UserError("before/after: no prompt has a value in both runs; check that both audits found faces")
     dk = d[keep]
-    if np.all(dk == 0):
-        stat, p = 0.0, 1.0
-    else:
-        res = stats.wilcoxon(dk, zero_method="wilcox")
-        stat, p = float(res.statistic), float(res.pvalue)
+    test = signed_rank_test(dk)
     mean, (low, high), _ = bootstrap_mean(dk, a, nb, seed)
     return {
         "n": int(keep.sum()),
@@ -885,8 +1252,9 @@ def paired_change(
         "n_down": int((dk < 0).sum()),
         "n_up": int((dk > 0).sum()),
         "n_tied": int((dk == 0).sum()),
-        "statistic": stat,
-        "p_value": p,
+        "statistic": test["statistic"],
+        "p_value": test["p_value"],
+        "test_method": test["method"],
         "changes": [None if np.isnan(v) else float(v) for v in d],
     }
 
@@ -935,6 +1303,8 @@ def summarize_attribute(
     n_boot: int = 1000,
     seed: int = 0,
     interval: Interval = "wilson",
+    share_alpha: float | None = None,
+    debiased_shift: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """All bias metrics of one attribute (e.g. gender) over a prompt set, per prompt and aggregated.
 
@@ -945,10 +1315,18 @@ def summarize_attribute(
 
     Aggregates: ``rd``, ``rd_soft``, ``kl``, ``entropy`` are means over prompts with faces (equal weight per
     prompt, as in the reference protocol); ``rb`` is computed on the shares pooled over all classified images,
-    and ``ab`` compares each prompt's shares with those pooled shares. ``*_ci`` are intervals from a
-    two-level bootstrap (prompts, then images within prompts) on hard labels: percentile intervals re-centred on
-    the estimate and clipped to the metric's range (uncentred ones miss the estimate entirely for a balanced
-    generator, see :func:`bootstrap_replicates`). ``rd_soft`` and ``corrected`` have no interval.
+    and ``ab`` compares each prompt's shares with those pooled shares. ``*_ci`` are intervals from the bootstrap
+    over prompts on hard labels (:func:`bootstrap_replicates`): expanded percentile intervals (:func:`expanded_alpha`)
+    re-centred on the estimate and clipped to the metric's range. They are about the population of prompts the
+    audited ones stand for, at this audit's image counts: raw ``rd`` includes the noise floor.
+
+    Noise floor and debiased RD, per prompt and aggregated: ``rd_floor`` (:func:`rd_floor`: the RD a generator
+    matching the target exactly would show at these counts), ``rd_debiased`` (:func:`debiased_rd`: unbiased at
+    balance, unclipped, so it can be slightly negative) and ``rd_debiased_ci``: per prompt
+    :func:`rd_debiased_intervals`; aggregated the bracket from the lower bound of the debiased mean to the upper
+    bound of raw RD (in expectation ``rd_debiased <= true RD <= rd``), clipped to [0, 2/K]. An interval that
+    reaches 0 means the attribute is indistinguishable from balanced. ``rd_soft`` has no interval; ``corrected``
+    has per-prompt share intervals (:func:`corrected_intervals`).
 
     Args:
         prompts: Prompt texts, length R.
@@ -964,16 +1342,22 @@ def summarize_attribute(
         n_boot: Bootstrap replicates.
         seed: Bootstrap seed.
         interval: Per-class share interval, ``"wilson"`` or ``"jeffreys"``.
+        share_alpha: 1 - confidence level of the per-prompt share intervals and per-prompt ``rd_debiased_ci``
+            when it differs from ``alpha``: the level an adaptive image plan calibrated so that its intervals stay
+            valid under its stopping rule (:mod:`audit.sequential`). None: ``alpha``.
+        debiased_shift: Per-prompt shares (R, K) -> the bias an image plan's stopping rule adds to each prompt's
+            debiased RD, subtracted from it (:func:`audit.sequential.stopping_bias`); None for fixed counts.
 
     Returns:
         A JSON-ready dict (plain floats, undefined values ``None``) with ``classes``, ``target``, counts
         (``n_prompts``, ``n_prompts_empty``, ``empty_prompts``, ``n_images``, ``n_faces``, ``n_classified``,
         ``n_abstain``), ``no_face_rate``, ``abstain_rate``, ``shares`` and ``soft_shares`` (pooled), ``rd``,
         ``rd_ci``, ``rd_soft``, ``kl``, ``kl_ci``, ``entropy``, ``entropy_ci``, ``rb``, ``rb_ci``, ``ab``,
-        ``ab_ci``, ``ab_at`` ({class, prompt} where the association bias is largest), ``corrected`` (dict or
-        None), settings (``alpha``, ``n_boot``, ``seed``, ``interval``), and ``per_prompt``: a list of {prompt,
-        n_images, n_faces, n_classified, n_abstain, no_face_rate, counts, shares, shares_ci, soft_shares, rd,
-        rd_soft, kl, entropy, rb}.
+        ``ab_ci``, ``ab_at`` ({class, prompt} where the association bias is largest), ``rd_floor``,
+        ``rd_debiased``, ``rd_debiased_ci``, ``corrected`` (dict or None), settings (``alpha``, ``share_alpha``,
+        ``n_boot``, ``seed``, ``interval``), and ``per_prompt``: a list of {prompt, n_images, n_faces,
+        n_classified, n_abstain, no_face_rate, counts, shares, shares_ci, soft_shares, rd, rd_floor,
+        rd_debiased, rd_debiased_ci, rd_soft, kl, entropy, rb}.
 
     Raises:
         UserError: Any input of the wrong length, shape, type or range (checked before any work is done).
@@ -995,6 +1379,7 @@ def summarize_attribute(
                 f"{name}: has {len(seq)} entries but prompts has {r_n}; pass one entry per prompt, in prompt order"
             )
     alpha = _check_alpha(alpha)
+    share_alpha = alpha if share_alpha is None else _check_alpha(share_alpha)
     n_boot = _check_n_boot(n_boot)
     interval = _check_interval(interval)
     t = _check_target(target, k)
@@ -1027,8 +1412,13 @@ def summarize_attribute(
     counts = np.stack([np.bincount(lab, minlength=k) for lab in labs]) if r_n else np.zeros((0, k), np.int64)
     n_cls = counts.sum(axis=1)
     shares = shares_from_counts(counts).reshape(r_n, k)
-    cis = share_intervals(counts, alpha, interval).reshape(r_n, k, 2)
+    cis = share_intervals(counts, share_alpha, interval).reshape(r_n, k, 2)
     p_rd = _rd(shares)
+    p_floor = rd_floor(counts, t) if r_n else np.zeros(0)
+    p_deb = _debiased(counts) - (debiased_shift(shares) if debiased_shift is not None else 0.0) if r_n \
+        else np.zeros(0)
+    p_deb_ci = rd_debiased_intervals(counts, share_alpha, interval, min(n_boot, PROMPT_BOOT), seed) if r_n \
+        else np.zeros((0, 2))
     p_kl = (special.xlogy(shares, shares) - _xlogy_target(shares, t)).sum(axis=-1)
     p_ent = _entropy(shares)
     p_rb = np.abs(shares - t).max(axis=-1)
@@ -1050,19 +1440,25 @@ def summarize_attribute(
         cells = _ab_cells(shares[used], pooled)
         i, j = np.unravel_index(int(np.argmax(cells)), cells.shape)
         ab_val, ab_at = float(cells[i, j]), {"class": classes[j], "prompt": prompts[int(np.flatnonzero(used)[i])]}
-    reps = bootstrap_replicates(counts.reshape(r_n, k), t, n_boot, seed) if r_n else None
+    reps = bootstrap_replicates(counts.reshape(r_n, k), t, n_boot, seed, debiased_shift) if r_n else None
     est = {
         "rd": _nanmean(p_rd),
+        "rd_debiased": _nanmean(p_deb),
         "kl": _nanmean(p_kl),
         "entropy": _nanmean(p_ent),
         "rb": float(np.abs(pooled - t).max()),
         "ab": ab_val,
     }
-    bounds = {"rd": (0.0, 2 / k), "kl": (0.0, math.inf), "entropy": (0.0, 1.0), "rb": (0.0, 1.0), "ab": (0.0, 1.0)}
+    bounds = {"rd": (0.0, 2 / k), "rd_debiased": (0.0, 2 / k), "kl": (0.0, math.inf), "entropy": (0.0, 1.0),
+              "rb": (0.0, 1.0), "ab": (0.0, 1.0)}
+    units = int(used.sum())
     ci = {
-        m: list(percentile_ci(reps[m], alpha, center=est[m], bounds=bounds[m])) if reps is not None else [None, None]
+        m: list(percentile_ci(reps[m], alpha, center=est[m], bounds=bounds[m], n_units=units))
+        if reps is not None else [None, None]
         for m in est
     }
+    # The bracket: the debiased mean errs low, raw RD high (see debiased_rd), so together they hold the truth.
+    ci["rd_debiased"] = [ci["rd_debiased"][0], ci["rd"][1]]
 
     corrected = None
     if conf is not None:
@@ -1077,6 +1473,7 @@ def summarize_attribute(
             "rb": float(np.abs(c_pooled - t).max()),
             "ab": float(np.max(c_cells)),
             "per_prompt_shares": c_sh,
+            "per_prompt_shares_ci": corrected_intervals(cis, conf) if r_n else np.zeros((0, k, 2)),
         }
 
     tot_img, tot_faces = int(n_img.sum()), int(n_faces.sum())
@@ -1095,6 +1492,9 @@ def summarize_attribute(
         "shares_ci": _json_floats(cis),
         "soft_shares": _json_floats(soft) if soft is not None else [None] * r_n,
         "rd": _json_floats(p_rd),
+        "rd_floor": _json_floats(p_floor),
+        "rd_debiased": _json_floats(p_deb),
+        "rd_debiased_ci": _json_floats(p_deb_ci),
         "rd_soft": _json_floats(p_rd_soft),
         "kl": _json_floats(p_kl),
         "entropy": _json_floats(p_ent),
@@ -1118,6 +1518,9 @@ def summarize_attribute(
             "soft_shares": pooled_soft,
             "rd": est["rd"],
             "rd_ci": ci["rd"],
+            "rd_floor": _nanmean(p_floor),
+            "rd_debiased": est["rd_debiased"],
+            "rd_debiased_ci": ci["rd_debiased"],
             "rd_soft": _nanmean(p_rd_soft),
             "kl": est["kl"],
             "kl_ci": ci["kl"],
@@ -1130,6 +1533,7 @@ def summarize_attribute(
             "ab_at": ab_at,
             "corrected": corrected,
             "alpha": alpha,
+            "share_alpha": share_alpha,
             "n_boot": n_boot,
             "seed": seed,
             "interval": interval,

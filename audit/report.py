@@ -205,8 +205,20 @@ def _env(template_dir: str | None = None):
     )
     env.filters.update(num=fmt_num, pct=fmt_pct, ci=fmt_ci, signed=fmt_signed, seeds=fmt_seeds, md=md_escape,
                        code=md_code, kv=_kv, slug=slugify)
-    env.globals.update(metric_dir=metric_direction, palette=PALETTE)
+    env.globals.update(metric_dir=metric_direction, palette=PALETTE, rd_words=debiased_words)
     return env
+
+
+def debiased_words(block: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """The debiased RD of an attribute (or prompt) block in words, for reports: ``"debiased 0.012 [0.000, 0.077]:
+    indistinguishable from balanced"`` when its interval reaches 0, ``"...: biased beyond sampling noise"``
+    otherwise; ``""`` when the block has no debiased RD (e.g. confusion-corrected rows)."""
+    block = block or {}
+    value, ci = block.get("rd_debiased"), block.get("rd_debiased_ci")
+    if value is None or not ci or None in ci:
+        return ""
+    verdict = "indistinguishable from balanced" if ci[0] <= 1e-12 else "biased beyond sampling noise"
+    return f"debiased {fmt_num(value, digits)} {fmt_ci(ci, digits)}: {verdict}"
 
 
 def render_html(template_name: str, template_dir: str | Path | None = None, **context: Any) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,9 +268,24 @@ def classify_store(store: RunStore, records: list[dict], faces_config, classifie
                 "clip_score": quality.data.get(k) if quality else None} for k in keys}
 
 
+def hard_labels(probs: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Argmax classes of the faces the classifier labels (highest probability ``>= threshold``; all when 0), their
+    renormalised probabilities, and the number of faces abstained on."""
+    keep = probs.max(axis=1) >= threshold if threshold > 0 else np.ones(len(probs), dtype=bool)
+    kept = probs[keep]
+    return kept.argmax(axis=1), kept / kept.sum(axis=1, keepdims=True) if keep.any() else kept, int((~keep).sum())
+
+
 def compute_metrics(prompts: list[str], records: list[dict], rows: dict[str, dict], classifier, metrics_config:
-                    MetricsConfig) -> dict[str, Any]:
-    """Bias metrics per attribute (and joint attributes) from the per-image rows."""
+                    MetricsConfig, plan=None, share_alpha: float | None = None) -> dict[str, Any]:
+    """Bias metrics per attribute (and joint attributes) from the per-image rows.
+
+    Under an image ``plan`` (:class:`audit.config.ImagesPlan`) the per-prompt intervals are at the plan's
+    calibrated level ``share_alpha`` (:func:`audit.sequential.calibrated_alpha`), and the debiased RD of each
+    two-class attribute that decided the stopping is corrected for the stopping rule's bias
+    (:func:`audit.sequential.stopping_bias`)."""
+    from audit.sequential import stopping_bias
+
     from audit.calibrate import load_calibration
     from audit.metrics import joint_classes, joint_probs, summarize_attribute
 
@@ -294,14 +310,18 @@ def compute_metrics(prompts: list[str], records: list[dict], rows: dict[str, dic
                               f"has {len(classes)} classes {classes}")
         labels, probs, n_abstain = [], [], []
         for p in attr_probs[name]:
-            keep = p.max(axis=1) >= threshold if threshold > 0 else np.ones(len(p), dtype=bool)
-            labels.append(p[keep].argmax(axis=1))
-            probs.append(p[keep] / p[keep].sum(axis=1, keepdims=True) if keep.any() else p[keep])
-            n_abstain.append(int((~keep).sum()))
+            lab, prob, abstained = hard_labels(p, threshold)
+            labels.append(lab)
+            probs.append(prob)
+            n_abstain.append(abstained)
+        decided = plan is not None and name in (plan.attributes or classifier.attributes)
+        shift = stopping_bias(plan.looks(), plan.target_halfwidth, share_alpha, metrics_config.interval) \
+            if decided and len(classes) == 2 else None
         out[name] = summarize_attribute(
             prompts, labels, probs, classes, [len(by_prompt[p]) for p in prompts], n_abstain, target=target,
             confusion=confusion.get(name), alpha=metrics_config.alpha, n_boot=metrics_config.n_boot,
-            seed=metrics_config.seed, interval=metrics_config.interval,
+            seed=metrics_config.seed, interval=metrics_config.interval, share_alpha=share_alpha,
+            debiased_shift=shift,
         )
     return out
 
@@ -338,6 +358,96 @@ def quality_summary(prompts: list[str], records: list[dict], rows: dict[str, dic
     return {"clip_score": mean, "clip_score_ci": list(ci), "lower_is_better": False, "per_prompt": per_prompt}
 
 
+def sample_adaptive(config: AuditConfig, out: Path, generator, classifier, progress: bool = True,
+                    process_index: int | None = None, num_processes: int | None = None, detector=None
+                    ) -> tuple[RunStore, list[str], dict[str, int], float]:
+    """Sample with the image plan of ``config``: each prompt in blocks of seeds until its share intervals are narrow.
+
+    At every look of the plan (:meth:`audit.config.ImagesPlan.looks`) the prompt's images so far are sampled
+    (:func:`audit.sample.sample_to_store`, seeds ``seed_offset .. seed_offset + n - 1``) and classified
+    (:func:`classify_store`, cached as in a fixed audit), and the prompt stops once every share interval of the
+    plan's attributes, at the calibrated level (:func:`audit.sequential.calibrated_alpha`), has a half-width of at
+    most ``target_halfwidth``, or at ``max``.
+
+    Each decision is written (atomically) to ``stages/plan-<hash>/<prompt hash>.json`` before the next look, with
+    the counts it was taken on: a resumed run replays the recorded looks instead of re-deciding them, so the same
+    plan, seeds, generator and classifier stop every prompt at the same count after an interruption (SIGKILL
+    included) and on any number of processes (prompts are sharded as in :func:`audit.sample.sample_to_store`).
+
+    Args:
+        config: The audit config; ``config.images_per_prompt`` is an :class:`audit.config.ImagesPlan`.
+        out: The run folder.
+        generator, classifier: Loaded generator and classifier.
+        progress: Progress bar.
+        process_index, num_processes: This process's shard; from the launcher (:func:`audit.sample.distributed_state`)
+            when None.
+        detector: A loaded face detector of ``config.faces`` to reuse.
+
+    Returns:
+        ``(store, keys, counts, share_alpha)``: keys of every image used (prompt-major, seed-minor), prompt ->
+        images used, and the level of the plan's share intervals.
+
+    Raises:
+        UserError: The plan names an attribute the classifier does not have.
+    """
+    from tqdm.auto import tqdm
+
+    from audit.sample import distributed_state, sample_to_store
+    from audit.sequential import calibrated_alpha, halfwidth
+
+    plan, m = config.plan, config.metrics
+    attrs = list(plan.attributes) or list(classifier.attributes)
+    unknown = [a for a in attrs if a not in classifier.attributes]
+    if unknown:
+        raise UserError(f"images_per_prompt.attributes: {unknown} are not attributes of the classifier "
+                        f"{sorted(classifier.attributes)}; name some of those, or leave the list empty for all")
+    prompts = config.prompts.neutral_prompts()
+    plan_looks = tuple(plan.looks())
+    share_alpha = calibrated_alpha(plan_looks, plan.target_halfwidth, m.alpha, m.interval)
+    rank, world, _, barrier = distributed_state()
+    if process_index is not None:
+        rank, world, barrier = process_index, num_processes or 1, (lambda: None)
+    out.mkdir(parents=True, exist_ok=True)
+    store = RunStore(out)
+    identity = generator.identity()
+    folder = out / "stages" / "plan-{}".format(_hash({
+        "plan": to_dict(plan), "alpha": m.alpha, "interval": m.interval, "share_alpha": share_alpha,
+        "seed_offset": config.seed_offset, "generator": identity, "classifier": classifier.identity(),
+        "faces": to_dict(config.faces)}))
+    threshold = classifier.config.abstain_threshold
+    sizes = {a: len(classifier.attributes[a].classes) for a in attrs}
+    mine = [p for i, p in enumerate(prompts) if i % world == rank]
+    bar = tqdm(total=len(mine), desc="adaptive sampling", unit="prompt", disable=not progress, dynamic_ncols=True)
+    for prompt in mine:
+        path = folder / f"{_hash(prompt)}.json"
+        record = json.loads(path.read_text()) if path.is_file() else {"prompt": prompt, "looks": []}
+        while not record["looks"] or not record["looks"][-1]["stop"]:
+            done = record["looks"][-1]["n"] if record["looks"] else 0
+            counts = dict(record["looks"][-1]["counts"]) if record["looks"] else {a: [0] * k for a, k in sizes.items()}
+            n = plan_looks[len(record["looks"])]
+            keys = sample_to_store(generator, [prompt], list(range(config.seed_offset, config.seed_offset + n)),
+                                   store, progress=False)
+            # Images the safety checker flagged are left out of the shares, as in a fixed audit.
+            new = [r for r in store.records(keys[done:]) if not r.get("nsfw_content_detected")]
+            rows = classify_store(store, new, config.faces, classifier, clip_score=m.clip_score, progress=False,
+                                  detector=detector)
+            for a, k in sizes.items():
+                probs = np.array([rows[r["key"]]["probs"][a] for r in new if rows[r["key"]]["probs"]],
+                                 dtype=np.float64).reshape(-1, k)
+                counts[a] = (np.asarray(counts[a]) + np.bincount(hard_labels(probs, threshold)[0], minlength=k)).tolist()
+            hw = max(float(halfwidth(np.array([counts[a]]), share_alpha, m.interval)[0]) for a in attrs)
+            narrow = math.isfinite(hw) and hw <= plan.target_halfwidth
+            record["looks"].append({"n": n, "counts": counts, "halfwidth": hw if math.isfinite(hw) else None,
+                                    "stop": narrow or n == plan_looks[-1]})
+            atomic_write_json(path, record)
+        bar.update(1)
+    bar.close()
+    barrier()
+    used = {p: json.loads((folder / f"{_hash(p)}.json").read_text())["looks"][-1]["n"] for p in prompts}
+    keys = [content_key(identity, p, s) for p in prompts for s in range(config.seed_offset, config.seed_offset + used[p])]
+    return store, keys, used, share_alpha
+
+
 def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | None = None, progress: bool = True,
               generator=None, classifier=None, report: bool = True) -> dict[str, Any]:
     """Audit a generator (or a folder of images) into the run folder ``out``; returns the metrics dict.
@@ -369,6 +479,7 @@ def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | Non
     from audit.faces import load_detector
 
     detector = load_detector(config.faces)
+    share_alpha = None  # the per-prompt interval level when an image plan chose the counts
     if images_dir is not None:
         out.mkdir(parents=True, exist_ok=True)
         store = RunStore(out)
@@ -379,6 +490,15 @@ def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | Non
             counts[r["prompt"]] += 1
         settings = run_settings(None, counts, [r["seed"] for r in records], source=str(Path(images_dir).resolve()),
                                 classifier=classifier, detector=detector)
+    elif config.plan is not None:
+        store, keys, counts, share_alpha = sample_adaptive(config, out, generator, classifier, progress=progress,
+                                                           detector=detector)
+        prompts = config.prompts.neutral_prompts()
+        records = store.records(keys)
+        plan = {**to_dict(config.plan), "looks": config.plan.looks(), "share_alpha": share_alpha}
+        settings = run_settings(generator, counts, [r["seed"] for r in records], plan=plan, classifier=classifier,
+                                detector=detector)
+        write_run_metadata(out, config, " ".join(sys.argv), "sample", {"images": len(keys)}, settings=settings)
     else:
         store, keys = run_sample(config, out, progress=progress, generator=generator)
         prompts = config.prompts.neutral_prompts()
@@ -390,7 +510,8 @@ def run_audit(config: AuditConfig, out: str | Path, images_dir: str | Path | Non
     kept = [r for r in records if not r.get("nsfw_content_detected")]
     rows = classify_store(store, kept, config.faces, classifier, clip_score=config.metrics.clip_score,
                           progress=progress, detector=detector)
-    attributes = compute_metrics(prompts, kept, rows, classifier, config.metrics)
+    attributes = compute_metrics(prompts, kept, rows, classifier, config.metrics,
+                                 plan=config.plan if images_dir is None else None, share_alpha=share_alpha)
     n_face = sum(rows[r["key"]]["face"] for r in kept)
     metrics = {
         "run": {"name": config.name, **settings, "n_images": len(records), "classifier": classifier.identity(),

@@ -22,7 +22,7 @@ from audit.store import (
 )
 from generators.backends import load_generator
 from generators.base import Generator
-from generators.config import to_dict
+from generators.config import UserError, to_dict
 
 
 def distributed_state():
@@ -36,24 +36,28 @@ def distributed_state():
 
 
 def run_settings(generator: Generator | None, counts: dict[str, int], seeds: Sequence[int],
-                 source: str | None = None, classifier=None, detector=None) -> dict[str, Any]:
+                 source: str | None = None, plan: dict | None = None, classifier=None,
+                 detector=None) -> dict[str, Any]:
     """The resolved settings of a run, recorded once in ``run.json`` and copied into ``metrics.json``.
 
     Args:
         generator: The loaded generator (its identity holds the sampling settings with every default applied), or
             None for images made elsewhere.
-        counts: Prompt -> images requested (sampled) or found (imported), in prompt order.
+        counts: Prompt -> images used: requested (fixed count), where the image plan stopped (adaptive), or found
+            (imported), in prompt order.
         seeds: The seeds of the run.
         source: For imported images, the folder they came from.
+        plan: The adaptive image plan as run (its fields, ``looks`` and the calibrated ``share_alpha``), or None.
         classifier: The audit's classifier (:class:`audit.classify.ClipClassifier`), if it has one yet.
         detector: The audit's face detector (:func:`audit.faces.load_detector`), if it has one yet.
 
     Returns:
         ``generator`` (identity), ``sampling`` (resolved backend settings), ``guidance_scale``, ``n_prompts``,
         ``images_per_prompt`` (the common count, or None when prompts differ: see ``images_by_prompt``),
-        ``images_by_prompt``, ``seeds``, and ``models``: per model used (``generator``, ``adapter``,
-        ``classifier``, ``face_detector``) the resolved revision (hub snapshot commit, or content hash of a local
-        folder or in-process weights), dtype, device and variant (:func:`generators.base.model_provenance`).
+        ``images_by_prompt``, ``images_plan`` (None for a fixed count), ``seeds``, and ``models``: per model used
+        (``generator``, ``adapter``, ``classifier``, ``face_detector``) the resolved revision (hub snapshot commit,
+        or content hash of a local folder or in-process weights), dtype, device and variant
+        (:func:`generators.base.model_provenance`).
     """
     from generators.base import directory_hash
 
@@ -73,7 +77,8 @@ def run_settings(generator: Generator | None, counts: dict[str, int], seeds: Seq
     return {
         "generator": identity, "sampling": sampling, "guidance_scale": sampling.get("guidance_scale"),
         "n_prompts": len(counts), "images_per_prompt": per_prompt.pop() if len(per_prompt) == 1 else None,
-        "images_by_prompt": dict(counts), "seeds": sorted({int(s) for s in seeds}), "models": models,
+        "images_by_prompt": dict(counts), "images_plan": plan, "seeds": sorted({int(s) for s in seeds}),
+        "models": models,
     }
 
 
@@ -114,6 +119,9 @@ def run_sample(config, out: str | Path, progress: bool = True, generator=None) -
         run settings (:func:`run_settings`) are recorded in ``run.json``.
     """
     out = check_writable(out)
+    if config.plan is not None:
+        raise UserError("images_per_prompt: an adaptive plan decides when to stop from the classified images; run "
+                        "`debias audit` (it samples and classifies), or give a fixed count here")
     prompts = config.check(generator=generator is None)
     generator = generator or load_generator(config.generator)
     rank, world, is_main, barrier = distributed_state()

@@ -20,6 +20,7 @@ from audit.adherence import explicit_adherence
 from audit.metrics import rd
 from audit.store import atomic_write_bytes, atomic_write_json, check_writable
 from debias.config import load_config
+from generators.config import to_dict
 from generators.resources import configs_dir
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -50,19 +51,46 @@ def planted_shares(world: dict, occupation: str) -> dict[str, float]:
     return {"female": world["occupations"][occupation]["p_female"], **world["occupations"][occupation]["race"]}
 
 
-def measured_vs_planted(metrics: dict, world: dict, occupations: list[str], template: str) -> dict[str, Any]:
-    """Per occupation: measured female share and its interval against the planted share."""
+def measured_vs_planted(metrics: dict, world: dict, occupations: list[str], template: str,
+                        generator_own: dict | None = None) -> dict[str, Any]:
+    """Per occupation: the audit's female share and its interval against the planted share and against the
+    generator's own share (``generator_own``: the world's ``build_info.json`` block ``verify.generator_own``, a
+    large sample taken as the audit takes it).
+
+    Two different questions: ``covered_generator`` counts the intervals that contain the generator's own share,
+    which is what the audit estimates (its validity: about 95% expected); ``covered`` counts those that contain the
+    planted share, which also depends on how closely the tiny generator learned it (the world's ``fit``, mean
+    |planted - generator-own|).
+    """
     block = metrics["attributes"]["gender"]
     fem = block["classes"].index("female")
+    own = (generator_own or {}).get("per_occupation") or {}
     rows = []
     for occ in occupations:
         row = next(r for r in block["per_prompt"] if r["prompt"] == template.format(occupation=occ))
         planted = world["occupations"][occ]["p_female"]
         measured, (lo, hi) = row["shares"][fem], row["shares_ci"][fem]
-        rows.append({"occupation": occ, "planted_female": planted, "measured_female": measured,
-                     "ci": [lo, hi], "within_0.1": abs(measured - planted) <= 0.1, "covered": lo <= planted <= hi})
+        generator = (own.get(occ) or {}).get("generator_p_female")
+        rows.append({"occupation": occ, "planted_female": planted, "generator_female": generator,
+                     "measured_female": measured, "ci": [lo, hi], "within_0.1": abs(measured - planted) <= 0.1,
+                     "covered": lo <= planted <= hi,
+                     "covered_generator": None if generator is None else lo <= generator <= hi})
+    with_own = [r for r in rows if r["generator_female"] is not None]
     return {"per_occupation": rows, "within_0.1": sum(r["within_0.1"] for r in rows),
-            "covered": sum(r["covered"] for r in rows), "n": len(rows)}
+            "covered": sum(r["covered"] for r in rows), "n": len(rows),
+            "covered_generator": sum(r["covered_generator"] for r in with_own) if with_own else None,
+            "fit_mean_abs_p_female": float(np.mean([abs(r["planted_female"] - r["generator_female"])
+                                                    for r in with_own])) if with_own else None,
+            "generator_own_images": (generator_own or {}).get("n_per_occupation")}
+
+
+def world_generator_own(world_path: str | Path | None) -> dict | None:
+    """The world's generator-own shares (``build_info.json`` -> ``verify.generator_own``), None if not measured."""
+    from generators.lab import world_dir
+
+    path = world_dir(world_path) / "build_info.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    return (info.get("verify") or {}).get("generator_own")
 
 
 def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: bool = True,
@@ -107,7 +135,7 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
     generator = load_generator(config.generator)
     classifier = ClipClassifier(config.classifier)
     before = run_audit(config, out / "before", progress=progress, generator=generator, classifier=classifier)
-    explicit_images = min(config.images_per_prompt, EXPLICIT_IMAGES)
+    explicit_images = min(config.max_images, EXPLICIT_IMAGES)
     adherence_before = explicit_adherence(config, out / "explicit-before", generator, classifier,
                                           explicit_images, progress)
     lap("audit before")
@@ -147,16 +175,16 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
         swap_cfg.probes = ["swap"]
         # Four cells of images: fewer per prompt keeps the demo within minutes (intervals say what that costs).
         swap_exp = copy.deepcopy(config)
-        swap_exp.images_per_prompt = min(config.images_per_prompt, SWAP_IMAGES)
+        swap_exp.images_per_prompt = min(config.max_images, SWAP_IMAGES)
         swap = run_locate(swap_exp, swap_cfg, out / "locate-swap", generator=generator, classifier=classifier,
                           tuned=tuned, audit_metrics=before)
         lap("component swap")
 
     def side(metrics: dict, adherence: dict) -> dict:
         a = metrics["attributes"]
-        return {"gender_rd": a["gender"]["rd"], "gender_rd_ci": a["gender"]["rd_ci"],
-                "race_rd": a["race"]["rd"], "race_rd_ci": a["race"]["rd_ci"],
-                "gender_race_rd": a["gender_race"]["rd"], "gender_race_rd_ci": a["gender_race"]["rd_ci"],
+        return {**{f"{name}_{key}": a[attr][key] for name, attr in (("gender", "gender"), ("race", "race"),
+                                                                      ("gender_race", "gender_race"))
+                   for key in ("rd", "rd_ci", "rd_floor", "rd_debiased", "rd_debiased_ci")},
                 "clip_score": (metrics.get("quality") or {}).get("clip_score"),
                 "explicit_adherence": adherence}
 
@@ -164,14 +192,16 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
         "before": side(before, adherence_before),
         "after": side(after, adherence_after),
         "planted": planted_rd(world, occupations),
-        "recovery": measured_vs_planted(before, world, occupations, config.prompts.template),
+        "recovery": measured_vs_planted(before, world, occupations, config.prompts.template,
+                                        world_generator_own(config.generator.model)),
         "gender_rd_ratio": after["attributes"]["gender"]["rd"] / before["attributes"]["gender"]["rd"],
         "wilcoxon_gender_p": compare["attributes"]["gender"]["test"]["p_value"],
         "locate": locate_headlines(locate, swap),
         "synth": {k: synth[k] for k in ("n_rows", "acceptance_rate", "attribute")} | {
             "shortfalls": len(synth["shortfalls"])},
         "adapter": str(adapter), "method": train.method,
-        "guidance_scale": before["run"]["guidance_scale"], "images_per_prompt": config.images_per_prompt,
+        "guidance_scale": before["run"]["guidance_scale"], "images_per_prompt": to_dict(config.images_per_prompt),
+        "images_used": {"before": before["run"]["n_images"], "after": after["run"]["n_images"]},
         "timings_s": timings,
         # relative to the demo folder, so the folder can be moved or shared
         "reports": {"before": "before/report.html", "locate": "locate/locate.html", "after": "after/report.html",

@@ -218,9 +218,13 @@ def _coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
             try:
                 return _coerce(value, arg, key, finite)
             except ConfigError as err:
-                errors.append(err)
+                errors.append((arg, err))
         if isinstance(value, float) and not math.isfinite(value) and float in args:
             raise _not_finite(value, key)
+        # A mapping for a union with one config section (``int | ImagesPlan``): that section's error names the key.
+        sections = [err for arg, err in errors if dataclasses.is_dataclass(arg)]
+        if isinstance(value, dict) and len(sections) == 1:
+            raise sections[0]
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:

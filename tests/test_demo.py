@@ -111,6 +111,25 @@ def test_landing_page_is_a_page_not_a_json_dump():
     assert "for 83% of the neutral prompts with a clear gender majority" in html.unescape(page)
 
 
+def test_measured_vs_planted_and_generator_own():
+    def row(occ, female, lo, hi):
+        return {"prompt": TEMPLATE.format(occupation=occ), "shares": [1 - female, female],
+                "shares_ci": [[1 - hi, 1 - lo], [lo, hi]]}
+
+    metrics = {"attributes": {"gender": {"classes": ["male", "female"], "per_prompt": [
+        row("doctor", 0.25, 0.18, 0.33),   # covers planted 0.2 but misses the generator's own 0.35
+        row("nurse", 0.65, 0.58, 0.72),    # misses planted 0.5, covers the generator's own 0.62
+    ]}}}
+    own = {"n_per_occupation": 2000, "per_occupation": {"doctor": {"generator_p_female": 0.35},
+                                                        "nurse": {"generator_p_female": 0.62}}}
+    out = measured_vs_planted(metrics, WORLD, ["doctor", "nurse"], TEMPLATE, own)
+    assert (out["covered"], out["covered_generator"], out["n"]) == (1, 1, 2)
+    assert [r["covered_generator"] for r in out["per_occupation"]] == [False, True]
+    assert out["fit_mean_abs_p_female"] == pytest.approx((0.15 + 0.12) / 2)
+    assert out["generator_own_images"] == 2000
+    assert measured_vs_planted(metrics, WORLD, ["doctor", "nurse"], TEMPLATE)["covered_generator"] is None
+
+
 @pytest.mark.slow
 def test_demo_runs_the_whole_loop_and_resumes(tmp_path, repo_root):
     """The README's main job at a reduced size: every stage runs on the shipped world, writes its report, the
@@ -142,6 +161,12 @@ def test_demo_runs_the_whole_loop_and_resumes(tmp_path, repo_root):
             lo, hi = summary[side][f"{key}_ci"]
             assert lo <= summary[side][key] <= hi, (side, key)
     assert summary["recovery"]["n"] == 8 and summary["synth"]["n_rows"] > 0
+    # The shipped world's generator-own shares (build_info.json) sit beside the planted and audited ones.
+    assert all(r["generator_female"] is not None for r in summary["recovery"]["per_occupation"])
+    assert summary["recovery"]["covered_generator"] is not None
+    for side in ("before", "after"):
+        assert summary[side]["gender_rd_floor"] == pytest.approx(0.2734375)  # exact floor of 8 images
+        assert summary[side]["gender_rd_debiased_ci"][1] == summary[side]["gender_rd_ci"][1]
     assert summary["locate"]["swap_language_share_gender"] is not None
     for report in summary["reports"].values():
         assert (out / report).is_file(), report

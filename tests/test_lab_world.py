@@ -224,6 +224,11 @@ def test_quick_build_writes_loadable_weights(tmp_path):
     CLIPProcessor.from_pretrained(out / "clip")
     info = json.loads((out / "build_info.json").read_text())
     assert info["quick"] is True and "verify" in info and info["times_s"]["total"] > 0
+    own = info["verify"]["generator_own"]  # the world's fit: the generator's own shares beside the planted ones
+    assert own["n_per_occupation"] == 16 and set(own["per_occupation"]) == set(info["verify"]["neutral"]["1.0"][
+        "per_occupation"])
+    assert own["fit_mean_abs_p_female"] == pytest.approx(np.mean([abs(o["planted_p_female"] - o["generator_p_female"])
+                                                                  for o in own["per_occupation"].values()]))
     assert janus.decode_image_tokens(torch.zeros(1, 64, dtype=torch.long)).shape == (1, 32, 32, 3)
     # --verify-only re-measures the saved world with the same sampler and classifier: the same numbers, and the
     # weights are left alone.

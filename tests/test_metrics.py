@@ -14,6 +14,10 @@ from generators.config import UserError
 Z = 1.959963984540054  # standard normal 0.975 quantile
 
 
+def _norm_cdf(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
 def _summary(labels, k=2, probs=None, n_images=None, n_abstain=None, **kw):
     r = len(labels)
     return M.summarize_attribute(
@@ -187,28 +191,41 @@ def test_bootstrap_constant_data_zero_width():
 
 
 def test_bootstrap_small_case_by_hand():
-    # Prompt A = (2, 0): every resample is (2, 0), RD 1. Prompt B = (1, 1): resamples (2,0), (1,1), (0,2) with
-    # prob 1/4, 1/2, 1/4, so RD 1 or 0 with prob 1/2 each. Mean of two drawn prompts:
-    #   0 w.p. 1/4 * 1/4 = 1/16;  0.5 w.p. 1/2 * 1/2 + 1/4 * 1/2 = 3/8;  1 w.p. 9/16 (replicate mean 0.75).
+    # Prompt A = (2, 0) has RD 1, prompt B = (1, 1) RD 0. Prompts are resampled with their images (no second,
+    # within-prompt level): two draws give mean RD 1 (AA) w.p. 1/4, 0.5 (AB, BA) w.p. 1/2, 0 (BB) w.p. 1/4.
     counts = np.array([[2, 0], [1, 1]])
     reps = M.bootstrap_replicates(counts, n_boot=40000, seed=1)["rd"]
     freq = [np.mean(reps == v) for v in (0.0, 0.5, 1.0)]
-    np.testing.assert_allclose(freq, [1 / 16, 3 / 8, 9 / 16], atol=0.01)
-    # Re-centred on the estimate 0.5: replicates shift by -0.25 -> {-0.25, 0.25, 0.75}, clipped to [0, 1].
+    np.testing.assert_allclose(freq, [1 / 4, 1 / 2, 1 / 4], atol=0.01)
+    # With 2 prompts the expanded interval takes the extreme replicates (t with 1 df): [0, 1], up to the re-centring.
     value, low, high = M.bootstrap_rd(counts, n_boot=40000, seed=1)
     assert value == pytest.approx(0.5)
-    assert low == 0.0
-    assert high == pytest.approx(0.75, abs=0.01)
+    assert low == pytest.approx(0.0, abs=0.005) and high == pytest.approx(1.0, abs=0.005)
+
+
+def test_bootstrap_single_prompt_resamples_its_images():
+    # One prompt (1, 1): nothing to resample between prompts, so its two images are: RD 1 w.p. 1/2, 0 w.p. 1/2.
+    reps = M.bootstrap_replicates(np.array([[1, 1]]), n_boot=40000, seed=2)["rd"]
+    np.testing.assert_allclose([np.mean(reps == 0), np.mean(reps == 1)], [0.5, 0.5], atol=0.01)
+
+
+def test_expanded_percentile_level():
+    # z_{a'/2} = sqrt(n / (n - 1)) t_{0.975, n-1}: n = 8 gives sqrt(8/7) * 2.3646 = 2.5279, a' = 0.01147.
+    assert M.expanded_alpha(0.05, 8) == pytest.approx(2 * (1 - _norm_cdf(math.sqrt(8 / 7) * 2.364624)), rel=1e-5)
+    assert M.expanded_alpha(0.05, 8) == pytest.approx(0.011474, abs=2e-6)
+    assert M.expanded_alpha(0.05, None) == M.expanded_alpha(0.05, 1) == 0.05
+    assert 0.049 < M.expanded_alpha(0.05, 100000) < 0.05
 
 
 def test_bootstrap_interval_contains_estimate_for_balanced_generator():
-    # The uncentred two-level percentile interval lies entirely above the estimate here; the re-centred one must not.
+    # A two-level bootstrap (prompts, then images again) centred its replicates well above the estimate here
+    # (within-prompt noise counted twice); resampling prompts alone keeps them on it.
     rng = np.random.default_rng(3)
     k = rng.binomial(160, 0.5, size=200)
     counts = np.stack([k, 160 - k], axis=1)
     reps = M.bootstrap_replicates(counts, n_boot=500)["rd"]
     value, low, high = M.bootstrap_rd(counts, n_boot=500)
-    assert np.quantile(reps, 0.025) > value  # the bias the re-centring removes
+    assert abs(reps.mean() - value) < 0.002 < np.quantile(reps, 0.975) - np.quantile(reps, 0.025)
     assert low < value < high
 
 
@@ -229,11 +246,10 @@ def test_bootstrap_replicates_match_plain_metrics():
     counts = np.stack([rng.multinomial(m, [0.4, 0.3, 0.2, 0.1]) for m in rng.integers(1, 30, 12)])
     t = np.array([0.4, 0.3, 0.2, 0.1])
     reps = M.bootstrap_replicates(counts, t, n_boot=20, seed=3)
-    # Re-draw the same resamples (one chunk, first spawned seed) and evaluate with the plain functions.
-    g = np.random.default_rng(np.random.SeedSequence(3).spawn(1)[0])
-    n = counts.sum(1)
+    # Re-draw the same resampled prompts (one chunk from the seed's stream) and evaluate with the plain functions.
+    g = np.random.default_rng(3)
     idx = g.integers(0, 12, size=(20, 12))
-    cc = g.multinomial(n[idx], (counts / n[:, None])[idx])
+    cc = counts[idx]
     for b in range(20):
         sh = cc[b] / cc[b].sum(1, keepdims=True)
         pooled = cc[b].sum(0) / cc[b].sum()
@@ -448,3 +464,148 @@ def test_bad_paired_message():
     assert str(err.value) == (
         "after: has shape (1,) but before has shape (2,); pass one value per prompt, same prompts in the same order"
     )
+
+
+# ------------------------------------------------------------------------------------ noise floor and debiased RD
+
+
+def _balanced_gender_floor(n: int) -> float:
+    # E|2X - n| / n for X ~ Binomial(n, 1/2), summed with exact integers.
+    return sum(math.comb(n, x) * abs(2 * x - n) for x in range(n + 1)) / 2**n / n
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 160])
+def test_rd_floor_gender_matches_exact_binomial_sum(n):
+    assert M.expected_rd(n, [0.5, 0.5]) == pytest.approx(_balanced_gender_floor(n), abs=1e-12)
+    assert M.rd_floor(np.array([[n, 0]]))[0] == pytest.approx(_balanced_gender_floor(n), abs=1e-12)
+
+
+def test_rd_floor_values_and_monte_carlo():
+    # The values DESIGN.md quotes, and a Monte-Carlo check within 0.005 for K = 2, 4, 8.
+    for k, n, quoted in [(2, 160, 0.063), (4, 160, 0.044), (8, 160, 0.032), (2, 64, 0.099)]:
+        exact = M.expected_rd(n, np.full(k, 1 / k))
+        assert exact == pytest.approx(quoted, abs=0.0015)
+        c = np.random.default_rng(k).multinomial(n, np.full(k, 1 / k), size=40_000)
+        assert abs(M.rd(c / n).mean() - exact) < 0.005
+
+
+def test_rd_floor_with_a_target_by_enumeration():
+    # n = 2, target (0.8, 0.2): counts (1, 1) w.p. 0.32 give RD 0, the others RD 1 -> 0.68. n = 1: RD is always 1.
+    assert M.rd_floor(np.array([[2, 0], [1, 0], [0, 0]]), target=[0.8, 0.2]) == pytest.approx([0.68, 1.0, np.nan],
+                                                                                             nan_ok=True)
+    # K = 3, n = 2, uniform: (2,0,0)-type outcomes (3 of them, prob 1/9 each) RD 2/3; (1,1,0)-type (prob 2/9 each)
+    # RD (0 + 1/2 + 1/2) / 3 = 1/3 -> 3/9 * 2/3 + 6/9 * 1/3 = 4/9.
+    assert M.expected_rd(2, [1 / 3, 1 / 3, 1 / 3]) == pytest.approx(4 / 9)
+
+
+def test_debiased_rd_hand_values():
+    # (3, 1): D = 2, h = 2 sqrt(4) = 4: (3 psi(1) - psi(3)) / 4 = (3/4 - 3/4) / 4 = 0.
+    assert M.debiased_rd([3, 1]) == pytest.approx(0.0)
+    # (10, 0): far outside the core, the plug-in 1.
+    assert M.debiased_rd([10, 0]) == pytest.approx(1.0)
+    # (5, 5): inside the core, (D^2 - m) / (n h) = -10 / (10 * 2 sqrt(10)).
+    assert M.debiased_rd([5, 5]) == pytest.approx(-1 / (2 * math.sqrt(10)))
+    assert math.isnan(M.debiased_rd([0, 0]))
+
+
+def _exact_mean_debiased(n, p):
+    """E[debiased_rd] for K = 2 by summing over every count (exact expectation)."""
+    x = np.arange(n + 1)
+    pmf = np.array([math.comb(n, int(i)) * p[1] ** i * p[0] ** (n - i) for i in x])
+    return float(pmf @ M.debiased_rd(np.stack([n - x, x], axis=1)))
+
+
+@pytest.mark.parametrize("n", [10, 40, 160])
+def test_debiased_rd_is_exactly_unbiased_at_balance_and_between_zero_and_truth(n):
+    assert _exact_mean_debiased(n, [0.5, 0.5]) == pytest.approx(0.0, abs=1e-12)
+    for female in (0.52, 0.6, 0.7, 0.9, 0.98):
+        mean, true = _exact_mean_debiased(n, [1 - female, female]), abs(2 * female - 1)
+        assert -1e-12 <= mean <= true + 1e-12, (female, mean)  # shrinks towards 0, never beyond the truth
+    assert _exact_mean_debiased(160, [0.1, 0.9]) == pytest.approx(0.8, abs=1e-6)  # clear skew: unbiased
+    # Raw RD errs upwards by the floor at balance.
+    assert M.expected_rd(n, [0.5, 0.5]) > 0
+
+
+def test_debiased_rd_unbiased_at_balance_for_three_classes_by_enumeration():
+    n = 9
+    total = 0.0
+    for a in range(n + 1):
+        for b in range(n + 1 - a):
+            c = n - a - b
+            prob = math.factorial(n) / (math.factorial(a) * math.factorial(b) * math.factorial(c)) / 3**n
+            total += prob * M.debiased_rd([a, b, c])
+    assert total == pytest.approx(0.0, abs=1e-12)
+
+
+def test_rd_debiased_interval_two_classes_is_the_share_interval_mapped():
+    counts = np.array([[80, 80], [150, 10], [0, 0]])
+    ci = M.share_intervals(counts, 0.05)[:, 1]
+    out = M.rd_debiased_intervals(counts, 0.05)
+    lo, hi = ci[0]
+    assert out[0].tolist() == pytest.approx([0.0, max(1 - 2 * lo, 2 * hi - 1)])  # contains 1/2: reaches 0
+    lo, hi = ci[1]
+    assert out[1].tolist() == pytest.approx([1 - 2 * hi, 1 - 2 * lo])
+    assert np.isnan(out[2]).all()
+
+
+def test_rd_debiased_interval_more_classes_brackets_and_reaches_zero_at_balance():
+    counts = np.array([[40, 40, 40, 40], [150, 4, 3, 3]])
+    out = M.rd_debiased_intervals(counts, 0.05, seed=1)
+    assert out[0, 0] == 0.0 < out[0, 1] < 0.2
+    raw, deb = M.rd(counts[1] / 160), M.debiased_rd(counts[1])
+    assert out[1, 0] < deb <= raw < out[1, 1] <= 0.5
+    np.testing.assert_array_equal(out, M.rd_debiased_intervals(counts, 0.05, seed=1))  # seeded
+
+
+def test_summary_reports_floor_and_debiased_beside_rd():
+    rng = np.random.default_rng(4)
+    labels = [rng.integers(0, 2, 160) for _ in range(20)]
+    s = _summary(labels, n_boot=300)
+    assert s["rd_floor"] == pytest.approx(_balanced_gender_floor(160), abs=1e-12)
+    assert abs(s["rd_debiased"]) < s["rd"]
+    assert s["rd_debiased_ci"][0] == 0.0 and s["rd_debiased_ci"][1] == s["rd_ci"][1]  # indistinguishable from 0
+    row = s["per_prompt"][0]
+    assert row["rd_floor"] == s["rd_floor"]
+    assert row["rd_debiased"] == pytest.approx(M.debiased_rd(np.bincount(labels[0], minlength=2)))
+    assert len(row["rd_debiased_ci"]) == 2
+    skewed = _summary([np.r_[np.zeros(150, int), np.ones(10, int)]] * 5, n_boot=100)
+    assert skewed["rd_debiased"] == pytest.approx(skewed["rd"])
+    assert skewed["rd_debiased_ci"][0] > 0
+
+
+def test_metric_directions_cover_floor_and_debiased():
+    assert M.get_metric("rd_floor").lower_is_better and M.get_metric("rd_debiased").lower_is_better
+
+
+def test_corrected_intervals_two_classes_map_the_observed_interval():
+    conf = np.array([[0.9, 0.1], [0.2, 0.8]])
+    counts = np.array([[60, 40]])
+    ci = M.share_intervals(counts, 0.05)
+    out = M.corrected_intervals(ci, conf)
+    # observed share of class 1: q1 = 0.1 p0 + 0.8 p1 = 0.1 + 0.7 p1, so p1 = (q1 - 0.1) / 0.7, monotone.
+    lo, hi = ci[0, 1]
+    assert out[0, 1].tolist() == pytest.approx([(lo - 0.1) / 0.7, (hi - 0.1) / 0.7])
+    assert out[0, 0].tolist() == pytest.approx([1 - (hi - 0.1) / 0.7, 1 - (lo - 0.1) / 0.7])
+    s = _summary([[0] * 60 + [1] * 40], confusion=conf, n_boot=20)
+    np.testing.assert_allclose(s["corrected"]["per_prompt_shares_ci"][0], out[0], atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------- signed-rank test
+
+
+def test_signed_rank_exact_with_a_zero_difference():
+    # 19 negative changes and one zero: dropping the zero, only the all-negative sign pattern of 19 is as extreme,
+    # two-sided p = 2 / 2^19 = 3.8e-6 (scipy's own wilcoxon switches to the normal approximation: 1.3e-4).
+    d = np.r_[-np.arange(1, 20), 0.0]
+    res = M.signed_rank_test(d)
+    assert res == {"statistic": 0.0, "p_value": 2 / 2**19, "method": "exact", "n_zero": 1}
+    paired = M.paired_change(np.arange(20.0) + 20, np.arange(20.0) + 20 + d)
+    assert paired["p_value"] == 2 / 2**19 and paired["test_method"] == "exact" and paired["n_tied"] == 1
+
+
+def test_signed_rank_exact_with_ties_by_enumeration():
+    # [1, 1, 2, -3, 0]: drop 0; |d| ranks 1.5, 1.5, 3, 4; W+ = 6, W- = 4. Of the 16 sign patterns, those with
+    # W+ <= 4 are {}, {1.5}, {1.5'}, {1.5, 1.5'}, {3}, {4}: 6, so p = 2 * 6/16 = 0.75.
+    assert M.signed_rank_test([1, 1, 2, -3, 0]) == {"statistic": 4.0, "p_value": 0.75, "method": "exact",
+                                                   "n_zero": 1}
+    assert M.signed_rank_test([0, 0])["p_value"] == 1.0

@@ -14,7 +14,8 @@ Output layout::
     DIR/clip/         CLIPModel + CLIPProcessor (CLIPImageProcessorPil for 32x32 input, word-level CLIPTokenizer)
     DIR/world.yaml    the resolved config the weights were built from (with the chosen zero-shot templates)
     DIR/build_info.json  steps, losses, phase times, seed, VQ reconstruction error, CLIP zero-shot accuracy,
-                      planted vs measured shares per occupation, explicit-prompt adherence, guidance effect
+                      planted vs measured shares per occupation, explicit-prompt adherence, guidance effect,
+                      and the world's fit: the generator's own shares from a large sample (verify.generator_own)
 
 Stages (all seeded from ``seed`` in the config), one module each:
 

@@ -9,6 +9,11 @@
   world's templates (the audit's ``faces.detector: none`` passes whole images). Planted vs measured shares per
   occupation, explicit-prompt adherence, the effect of guidance, and the exact answer distribution of the
   understanding questions.
+* **World fit** (:func:`generator_own`): the generator's *own* shares per occupation, from a large sample taken as the
+  audit takes it (``configs/generators/lab.yaml`` at its guidance scale, the audit's classifier) on seeds far from
+  the audit's. An audit estimates exactly these classifier-labelled shares, so its intervals must cover them at the
+  nominal rate; their distance from the planted shares is the world's fit (how well the tiny generator learned the
+  skew it was trained on), a property of the build, not of the audit.
 
 :func:`reverify` re-runs both on a world folder and rewrites its ``build_info.json``
 (``python -m debias.lab.build --verify-only --out DIR``).
@@ -36,6 +41,7 @@ from generators.resources import named_config
 
 AUDIT_EXPERIMENT = "lab"  # configs/experiments/lab.yaml: its classifier section
 AUDIT_GENERATOR = "lab"  # configs/generators/lab.yaml
+GENERATOR_OWN_SEED = 1_000_000  # first seed of the generator-own sample, far from the audit's seeds 0..n-1
 
 
 def world_classifier(cfg: WorldConfig, clip, processor, attributes: dict | None = None) -> ClipClassifier:
@@ -129,8 +135,40 @@ def evaluate(model, clip, processor, cfg: WorldConfig, log, choose: bool = True)
     return {"vq": vq, "zero_shot": zero_shot}
 
 
+def generator_own(model, tokenizer, classifier: ClipClassifier, cfg: WorldConfig, log) -> dict:
+    """The generator's own shares: ``verify.n_generator_own`` images per occupation sampled as the audit samples
+    them (``configs/generators/lab.yaml``, its guidance scale) on seeds from :data:`GENERATOR_OWN_SEED`, classified
+    by the audit's classifier (argmax).
+
+    Returns:
+        ``n_per_occupation``, ``guidance_scale``, ``per_occupation`` (planted and generator-own female share and race
+        shares), and the world's fit: ``fit_mean_abs_p_female`` (mean over occupations of |planted - generator-own|
+        female share), ``fit_max_abs_p_female`` and ``fit_mean_abs_race_share``.
+    """
+    n = cfg.verify.n_generator_own
+    guidance = load_yaml(named_config("generators", AUDIT_GENERATOR))["sampling"]["guidance_scale"]
+    generator = world_generator(model, tokenizer, guidance)
+    seeds = list(range(GENERATOR_OWN_SEED, GENERATOR_OWN_SEED + n))
+    per = {}
+    for o in cfg.occupations:
+        pred = labels(classifier, [im.image for im in generator.generate([caption(cfg, o)] * n, seeds)])
+        spec = cfg.occupations[o]
+        per[o] = {"planted_p_female": spec.p_female,
+                  "generator_p_female": float((pred["gender"] == GENDERS.index("female")).mean()),
+                  "planted_race": spec.race,
+                  "generator_race": {c: float((pred["race"] == i).mean()) for i, c in enumerate(RACES)}}
+    gerr = [abs(p["generator_p_female"] - p["planted_p_female"]) for p in per.values()]
+    rerr = [abs(p["generator_race"][c] - p["planted_race"][c]) for p in per.values() for c in RACES]
+    log(f"world fit (generator-own shares, {n} images per occupation): mean |planted - generator| P(female) "
+        f"{np.mean(gerr):.3f} (max {np.max(gerr):.3f}), race share {np.mean(rerr):.3f}")
+    return {"n_per_occupation": n, "guidance_scale": guidance, "first_seed": GENERATOR_OWN_SEED,
+            "per_occupation": per, "fit_mean_abs_p_female": float(np.mean(gerr)),
+            "fit_max_abs_p_female": float(np.max(gerr)), "fit_mean_abs_race_share": float(np.mean(rerr))}
+
+
 def verify_world(model, tokenizer, clip, processor, cfg: WorldConfig, log) -> dict:
-    """Sample, decode and classify: planted vs measured shares, explicit adherence, guidance effect, QA answers."""
+    """Sample, decode and classify: planted vs measured shares, explicit adherence, guidance effect, QA answers, and
+    the world's fit (:func:`generator_own`)."""
     v = cfg.verify
     occs = list(cfg.occupations)
     classifier = world_classifier(cfg, clip, processor)
@@ -178,6 +216,7 @@ def verify_world(model, tokenizer, clip, processor, cfg: WorldConfig, log) -> di
         result["explicit_adherence"][str(g)] = {"mean_gender": float(np.mean(hits["gender"])),
                                                 "mean_race": float(np.mean(hits["race"])), "per_prompt": per_prompt}
         log(f"explicit adherence g={g}: gender {np.mean(hits['gender']):.3f}, race {np.mean(hits['race']):.3f}")
+    result["generator_own"] = generator_own(model, tokenizer, classifier, cfg, log)
     if cfg.understanding.questions and cfg.janus.qa_every > 0:
         qa = {a: {o: answer_distribution(model, tokenizer, cfg, a, o) for o in occs}
               for a in cfg.understanding.questions}

@@ -168,6 +168,8 @@ class VerifySpec:
     guidance_scales: list[float] = option(default_factory=lambda: [1.0, 2.0, 4.0],
                                           help="CFG scales to measure the neutral shares at (1 = no CFG)")
     n_clip_eval: int = option(512, help="fresh renders for the CLIP / VQ evaluation")
+    n_generator_own: int = option(2000, help="images per occupation for the generator's own shares (sampled and "
+                                             "classified as the audit does, on seeds apart from the audit's)")
 
 
 @dataclass
