@@ -9,6 +9,7 @@ the fixed model as it would be shared (adapter + model card), ``out/index.html``
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import replace
 from pathlib import Path

@@ -221,10 +221,12 @@ def _coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
                 errors.append((arg, err))
         if isinstance(value, float) and not math.isfinite(value) and float in args:
             raise _not_finite(value, key)
-        # A mapping for a union with one config section (``int | ImagesPlan``): that section's error names the key.
+        # A union with one config section (``int | ImagesPlan``): a mapping gets that section's error (it names the
+        # key inside), anything else the error of the one plain alternative ("expected an integer, got 'many'").
         sections = [err for arg, err in errors if dataclasses.is_dataclass(arg)]
-        if isinstance(value, dict) and len(sections) == 1:
-            raise sections[0]
+        plain = [err for arg, err in errors if not dataclasses.is_dataclass(arg)]
+        if len(sections) == 1 and (isinstance(value, dict) or len(plain) == 1):
+            raise sections[0] if isinstance(value, dict) else plain[0]
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
