@@ -52,6 +52,7 @@ EXAMPLES = {
         debias demo --out runs/demo                      # the README's main job (lab world, CPU, minutes)
         debias demo --out runs/demo --images-per-prompt 64
         debias demo --out runs/demo-sft --set train.method=sft
+        debias demo --world diffusion --out runs/demo-sd  # the same loop on the diffusion lab world
     """,
     "lab": """
         debias lab build --out generators/lab/weights         # rebuild the shipped world (~10 min on 2 cores)
@@ -59,6 +60,7 @@ EXAMPLES = {
     """,
     "methods": """
         debias methods --out runs/methods                 # SFT, SFT+BPO, BPO, freq on the lab world, one table
+        debias methods --world diffusion --out runs/methods-sd   # SFT, SFT+BPO, Diffusion-DPO, alignment
     """,
     "export": """
         debias export runs/lab --out runs/lab-dataset                 # one row per image, no image column
@@ -173,7 +175,7 @@ def _train(args) -> None:
 def _demo(args) -> None:
     from debias.demo import run_demo
 
-    summary = run_demo(args.out, progress=not args.quiet,
+    summary = run_demo(args.out, progress=not args.quiet, world=args.world,
                        overrides=_overrides(args, images_per_prompt=args.images_per_prompt))
     b, a, p = summary["before"], summary["after"], summary["planted"]
     print(f"gender RD: planted {p['gender_rd']:.3f}, before {b['gender_rd']:.3f}, after {a['gender_rd']:.3f} "
@@ -192,7 +194,7 @@ def _lab_build(args) -> int:
 def _methods(args) -> None:
     from debias.methods import run_methods
 
-    table = run_methods(args.out, progress=not args.quiet, overrides=_overrides(args))
+    table = run_methods(args.out, progress=not args.quiet, overrides=_overrides(args), world=args.world)
     print(table["markdown"])
 
 
@@ -245,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
                    set_help: str | None = None) -> None:
         p.add_argument("--config", required=True, help=help)
         sets(p, *([set_help] if set_help else []))
+
+    def world(p: argparse.ArgumentParser) -> None:
+        from debias.demo import WORLDS
+
+        p.add_argument("--world", choices=list(WORLDS), default="janus",
+                       help="janus: the tiny unified model (default); diffusion: the tiny Stable Diffusion pipeline")
 
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -306,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                "override a config key, e.g. train.sft.max_steps=50; train keys may drop 'train.' (method=sft)")
     p.add_argument("--out", default=None, help="run folder (default: train.output_dir); re-running resumes")
 
-    p = command("demo", "the whole audit -> locate -> fix -> compare loop on the built-in lab world", _demo)
+    p = command("demo", "the whole audit -> locate -> fix -> compare loop on a built-in lab world", _demo)
     p.add_argument("--out", required=True, help="demo folder; re-running resumes")
+    world(p)
     p.add_argument("--images-per-prompt", type=int, default=None, help="override the lab config's images per prompt")
     sets(p, "override a key of the lab experiment config, e.g. train.sft.epochs=4")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -317,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the world's weights")
     p.add_argument("--quick", action="store_true", help="a reduced world in about a minute (CI check)")
 
-    p = command("methods", "compare every fix method on the lab world in one table", _methods)
+    p = command("methods", "compare every fix method on a lab world in one table", _methods)
     p.add_argument("--out", required=True, help="folder; one sub-folder per method")
+    world(p)
     sets(p, "override a key of the lab experiment config, e.g. images_per_prompt=64")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

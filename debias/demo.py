@@ -1,9 +1,13 @@
-"""``debias demo``: the whole loop on the shipped lab world, offline on a CPU.
+"""``debias demo``: the whole loop on a shipped lab world, offline on a CPU.
 
 audit (before) -> locate -> synth (balanced data made by the generator itself) -> train (the default recipe) ->
 audit (after, same prompts and seeds) -> compare, plus explicit-prompt adherence before and after, and the planted
 truth the audit should recover. Every stage writes into its own sub-folder of ``out`` and resumes; ``out/model`` is
 the fixed model as it would be shared (adapter + model card), ``out/index.html`` the page to open first.
+
+Two worlds share the renders, captions and planted skew (``configs/lab/world.yaml``): ``janus`` (a tiny unified
+model; the default) and ``diffusion`` (a tiny Stable Diffusion pipeline). The locate probes read a unified model's
+language and vision sides, so the diffusion world's demo has no locate stage.
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ from audit.adherence import explicit_adherence
 from audit.metrics import rd
 from audit.store import atomic_write_bytes, atomic_write_json, check_writable
 from debias.config import load_config
-from generators.config import to_dict
+from generators.config import UserError, to_dict
+from generators.errors import did_you_mean
 from generators.resources import configs_dir
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEMO_CONFIG = configs_dir() / "experiments" / "lab.yaml"
+# world name -> its experiment config; ``debias demo --world`` and ``debias methods --world`` take these names.
+WORLDS = {"janus": DEMO_CONFIG, "diffusion": configs_dir() / "experiments" / "lab-sd.yaml"}
+LOCATE_WORLDS = {"janus"}  # worlds whose generator is a unified model the locate probes can read
 EXPLICIT_IMAGES = 16  # per explicit prompt (8 occupations x 6 variants): adherence to a few points
 SWAP_IMAGES = 64  # per prompt and cell of the 2x2 component swap
 
@@ -94,16 +102,25 @@ def world_generator_own(world_path: str | Path | None) -> dict | None:
     return (info.get("verify") or {}).get("generator_own")
 
 
-def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: bool = True,
-             images_per_prompt: int | None = None, overrides: dict | None = None) -> dict[str, Any]:
-    """Run the whole loop on the lab world into ``out``; returns (and writes) ``summary.json``.
+def world_config(world: str) -> Path:
+    """The experiment config of a lab world, by name (``janus`` or ``diffusion``)."""
+    if world not in WORLDS:
+        raise UserError(f"--world: unknown world {world!r}{did_you_mean(world, WORLDS)}; use one of {list(WORLDS)}")
+    return WORLDS[world]
+
+
+def run_demo(out: str | Path, config_path: str | Path | None = None, progress: bool = True,
+             images_per_prompt: int | None = None, overrides: dict | None = None,
+             world: str = "janus") -> dict[str, Any]:
+    """Run the whole loop on a lab world into ``out``; returns (and writes) ``summary.json``.
 
     Args:
         out: The demo folder; every stage has its own sub-folder and resumes.
-        config_path: The experiment config (default: the lab world's).
+        config_path: The experiment config (default: the world's, :data:`WORLDS`).
         progress: Progress bars.
         images_per_prompt: Shorthand for the override of the same key.
         overrides: Dotted config keys -> values (``debias demo --set``).
+        world: ``janus`` or ``diffusion``; only ``janus`` runs the locate probes.
     """
     from audit.classify import ClipClassifier
     from audit.compare import run_compare
@@ -115,12 +132,15 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
     from debias.train.run import run_train
     from generators.backends import load_generator
 
+    config_path = config_path or world_config(world)
+    with_locate = world in LOCATE_WORLDS
     out = check_writable(out)
     config = load_config(config_path, {"images_per_prompt": images_per_prompt, **(overrides or {})})
     # Every stage's input before the first model loads (the swap's tuned model comes from training).
     config.check()
     check_synth(config)
-    check_locate(config, replace(config.locate, probes=[p for p in config.locate.probes if p != "swap"]))
+    if with_locate:
+        check_locate(config, replace(config.locate, probes=[p for p in config.locate.probes if p != "swap"]))
     single_thread()
     world = planted(config.generator.model)
     occupations = config.prompts.occupation_list()
@@ -141,12 +161,14 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
                                           explicit_images, progress)
     lap("audit before")
 
-    # The swap needs the fine-tuned model: it runs after training, the other probes now.
-    probes = copy.deepcopy(config.locate)
-    probes.probes = [p for p in probes.probes if p != "swap"]
-    locate = run_locate(config, probes, out / "locate", generator=generator, classifier=classifier,
-                        audit_metrics=before)
-    lap("locate")
+    locate = None
+    if with_locate:
+        # The swap needs the fine-tuned model: it runs after training, the other probes now.
+        probes = copy.deepcopy(config.locate)
+        probes.probes = [p for p in probes.probes if p != "swap"]
+        locate = run_locate(config, probes, out / "locate", generator=generator, classifier=classifier,
+                            audit_metrics=before)
+        lap("locate")
 
     synth = run_synth(config, out / "synth", generator=generator, classifier=classifier, progress=progress)
     lap("synth")
@@ -167,11 +189,11 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
     compare = run_compare(out / "before", out / "after", out / "compare")
     # The fixed model as it would be shared: the adapter with a model card holding the before / after audit.
     write_model_card(adapter, out / "model", out / "before", out / "after", compare=out / "compare",
-                     name="lab-world debiased (demo)")
+                     name=f"lab-world ({world}) debiased (demo)")
     lap("audit after + compare")
 
     swap = None
-    if "swap" in config.locate.probes:
+    if with_locate and "swap" in config.locate.probes:
         swap_cfg = copy.deepcopy(config.locate)
         swap_cfg.probes = ["swap"]
         # Four cells of images: fewer per prompt keeps the demo within minutes (intervals say what that costs).
@@ -197,7 +219,8 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
                                         world_generator_own(config.generator.model)),
         "gender_rd_ratio": after["attributes"]["gender"]["rd"] / before["attributes"]["gender"]["rd"],
         "wilcoxon_gender_p": compare["attributes"]["gender"]["test"]["p_value"],
-        "locate": locate_headlines(locate, swap),
+        "world": world,
+        "locate": locate_headlines(locate, swap) if locate else {},
         "synth": {k: synth[k] for k in ("n_rows", "acceptance_rate", "attribute")} | {
             "shortfalls": len(synth["shortfalls"])},
         "adapter": str(adapter), "method": train.method,
@@ -205,9 +228,9 @@ def run_demo(out: str | Path, config_path: str | Path = DEMO_CONFIG, progress: b
         "images_used": {"before": before["run"]["n_images"], "after": after["run"]["n_images"]},
         "timings_s": timings,
         # relative to the demo folder, so the folder can be moved or shared
-        "reports": {"before": "before/report.html", "locate": "locate/locate.html", "after": "after/report.html",
-                    "compare": "compare/compare.html", **({"swap": "locate-swap/locate.html"} if swap else {}),
-                    "model": "model/README.md"},
+        "reports": {"before": "before/report.html", **({"locate": "locate/locate.html"} if locate else {}),
+                    "after": "after/report.html", "compare": "compare/compare.html",
+                    **({"swap": "locate-swap/locate.html"} if swap else {}), "model": "model/README.md"},
     }
     atomic_write_json(out / "summary.json", summary)
     atomic_write_bytes(out / "index.html", index_html(summary).encode())
@@ -317,7 +340,7 @@ def index_html(summary: dict) -> str:
               "note": REPORT_LABELS.get(name, ("", ""))[1]} for name, path in summary["reports"].items()]
     links.append({"href": "summary.json", "label": "All numbers (summary.json)", "note": ""})
     return render_html(
-        "demo.html.j2", TEMPLATES, title="debias demo: the lab world, before and after the fix", s=summary,
+        "demo.html.j2", TEMPLATES, title=f"debias demo: the {summary.get('world', 'janus')} lab world, before and after the fix", s=summary,
         nav=[("result", "Result"), ("recovery", "Recovery"), ("locate", "Locate"), ("quality", "Cost"),
              ("reports", "Reports")],
         rd_rows=rd_rows, headline=headline, recovery_plot=figure_data_uri(recovery_figure(
