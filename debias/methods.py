@@ -1,4 +1,4 @@
-"""``debias methods``: every fix method on the lab world, from the same balanced data, in one table.
+"""``debias methods``: every fix method on a lab world, from the same balanced data, in one table.
 
 All methods start from the same base model, train on the same synthetic set (or sample on-policy, for ``freq``),
 and are audited on the same prompts and seeds, so the rows differ only by the objective.
@@ -15,17 +15,24 @@ from audit.adherence import explicit_adherence
 from audit.report import render_markdown
 from audit.store import atomic_write_bytes, atomic_write_json, check_writable
 from debias.config import load_config
-from debias.demo import DEMO_CONFIG, EXPLICIT_IMAGES, classifier_callable, single_thread
+from debias.demo import EXPLICIT_IMAGES, classifier_callable, single_thread, world_config
 
-METHOD_NAMES = ("sft", "sft+bpo", "bpo", "freq", "sft+freq")
+# The methods compared on each world (``train.method`` values of that world's trainer).
+WORLD_METHODS = {"janus": ("sft", "sft+bpo", "bpo", "freq", "sft+freq")}
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
-def run_methods(out: str | Path, methods: Sequence[str] = METHOD_NAMES, config_path: str | Path = DEMO_CONFIG,
-                progress: bool = True, overrides: dict | None = None) -> dict[str, Any]:
+def run_methods(out: str | Path, methods: Sequence[str] | None = None, config_path: str | Path | None = None,
+                progress: bool = True, overrides: dict | None = None, world: str = "janus") -> dict[str, Any]:
     """Train and audit each method; write ``methods.json`` and ``methods.md`` into ``out``.
 
-    ``overrides`` are dotted config keys -> values applied to the experiment config (``debias methods --set``).
+    Args:
+        out: The folder; one sub-folder per method.
+        methods: ``train.method`` values to compare (default: the world's, :data:`WORLD_METHODS`).
+        config_path: The experiment config (default: the world's).
+        progress: Progress bars.
+        overrides: Dotted config keys -> values applied to the experiment config (``debias methods --set``).
+        world: ``janus`` or ``diffusion``.
     """
     from audit.classify import ClipClassifier
     from audit.run import run_audit
@@ -33,6 +40,8 @@ def run_methods(out: str | Path, methods: Sequence[str] = METHOD_NAMES, config_p
     from debias.train.run import run_train
     from generators.backends import load_generator
 
+    config_path = config_path or world_config(world)
+    methods = methods or WORLD_METHODS[world]
     out = check_writable(out)
     config = load_config(config_path, overrides)
     config.check()  # every input before the first model loads
