@@ -44,14 +44,15 @@ Deviations (why)
   last ``K`` (truncated backpropagation, for memory). Truncating hard costs most of the signal: the late, low-noise
   steps barely change the image (the eps coefficient of a DDIM step vanishes as t -> 0, and with
   ``set_alpha_to_one: false`` the final DDIM step is the identity), so on the tiny pipelines the gradient norm of the
-  last step alone was ~1e-3 (PNDM, SD 1.5's schedule) to ~1e-4 (DDIM) of all 8 steps'. The paper also rescales
+  last step alone was ~6e-4 (PNDM, SD 1.5's schedule) and ~1.5e-4 (DDIM) of all 8 steps'. The paper also rescales
   each step's gradient (their ``A_t`` standardised to 1); no rescaling is applied here (Adam normalises the overall
   scale, not the balance between steps).
 * One pass: the batch is generated once with the graph, classified, assigned targets from its own (detached)
   probabilities and back-propagated. The authors generate it twice (once without gradient for the targets, then in
   small chunks with gradient) to bound GPU memory; here memory grows with ``batch_size * align_batch_size`` images.
 * Per process: with several processes each one aligns its own batch (the authors gather the probabilities across
-  GPUs first, making the OT batch ``N * processes``).
+  GPUs first, making the OT batch ``N * processes``); gradients are averaged by hand
+  (:meth:`AlignObjective.sync_gradients`). Multi-process runs are untested here (CPU, one process).
 * Fixed number of sampling steps (``align_inference_steps``) instead of a random 19-23.
 """
 
@@ -466,6 +467,20 @@ class AlignObjective:
         for p, flag in self._flags:
             p.requires_grad_(flag)
 
+    @staticmethod
+    def sync_gradients(accelerator, params: Sequence[torch.nn.Parameter]) -> None:
+        """Average the trained parameters' gradients over processes after each backward.
+
+        The sampler calls the unwrapped modules (several forwards per backward, which DDP's hooks reject), so DDP
+        does not reduce them; the authors' code reduces by hand too. A no-op in one process.
+        """
+        if accelerator.num_processes > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= accelerator.num_processes
+
     def loss(self, prompts: Sequence[str], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """Generate ``align_batch_size`` images per prompt, assign OT targets per prompt, return the loss + stats."""
         c, pipe, parts, clf = self.config, self.pipe, self.parts, self.classifier
@@ -478,8 +493,11 @@ class AlignObjective:
         state = generator.get_state()  # the frozen model's sampler draws the same step noise (stochastic samplers)
         kwargs = dict(negative_prompt=self.negative_prompt)
         grad_steps = c.align_steps or c.align_inference_steps
+        # The unwrapped modules: a DDP wrapper allows one forward per backward, the sampler makes several (see
+        # sync_gradients).
         images = sample_images(pipe, batch, latents, c.align_inference_steps, self.guidance_scale, grad_steps,
-                               unet=parts.unet, text_encoder=parts.text_encoder, generator=generator, **kwargs)
+                               unet=unwrap(parts.unet), text_encoder=unwrap(parts.text_encoder), generator=generator,
+                               **kwargs)
         emb = clf.embed_tensor_images(images)
         log_probs = clf.class_log_probs(emb, self.attribute)
         probs = log_probs.detach().exp().cpu().double().numpy()

@@ -162,7 +162,7 @@ class DiffusionTrainConfig:
     align_steps: int | None = option(
         None, help="align: the last K sampling steps that keep gradients (earlier steps run without a graph; memory "
                    "grows with K); null: all steps, as the paper. The late steps barely move the image: on the tiny "
-                   "DDIM/PNDM pipelines the last step alone carries ~1e-3 of the 8-step gradient norm")
+                   "DDIM/PNDM pipelines the last step alone carries < 1e-3 of the 8-step gradient norm")
     align_guidance_scale: float | None = option(
         None, help="align: CFG scale of the training samples; null: the generator config's "
                    "sampling.guidance_scale, i.e. what the audit samples with (7.5 for a pipeline passed in)")
@@ -798,6 +798,8 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
                                 config.objective, pix[:len(idx)], pix[len(idx):],
                                 [data.prompts[int(i)] for i in pairs[:, 0]], noise_gen, beta, reference)
                     accelerator.backward(loss)
+                    if objective is not None:
+                        objective.sync_gradients(accelerator, params)
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     optimizer.step()
