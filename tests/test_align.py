@@ -16,6 +16,7 @@ from debias.train.align import (
     AlignObjective,
     align_loss,
     largest_remainder_counts,
+    load_prompts,
     ot_assign,
     ot_targets,
     sample_images,
@@ -299,3 +300,15 @@ def test_bad_align_input_is_one_clear_message_and_writes_nothing(tmp_path, chang
     # align-only keys are refused on other objectives
     with pytest.raises(ConfigError, match=r"train\.align_prompts"):
         DiffusionTrainConfig(objective="sft", align_prompts=[PROMPT])
+
+
+def test_prompts_come_from_the_dataset_prompt_column(tmp_path):
+    import datasets
+
+    rows = ["a photo of a nurse, a person", "a photo of a pilot, a person", "a photo of a nurse, a person"]
+    datasets.Dataset.from_dict({"prompt": rows, "group": ["male", "female", "female"]}).save_to_disk(str(tmp_path))
+    prompts, fingerprint = load_prompts(DiffusionTrainConfig(objective="align", dataset=str(tmp_path)))
+    assert prompts == rows[:2]  # distinct, in order of first appearance
+    assert fingerprint == load_prompts(DiffusionTrainConfig(objective="align", align_prompts=rows[:2]))[1]
+    with pytest.raises(ConfigError, match=r"train\.dataset"):
+        load_prompts(DiffusionTrainConfig(objective="align", dataset=str(tmp_path / "missing")))

@@ -408,7 +408,8 @@ def load_prompts(config) -> tuple[list[str], str]:
             ds = datasets.load_from_disk(str(path))
         except Exception as err:  # datasets raises FileNotFoundError / ValueError variants for foreign folders
             raise ConfigError(f"config key 'train.dataset': '{path}' is not a saved dataset ({err}); pass a folder "
-                              "written by datasets.save_to_disk, or list the prompts in 'train.align_prompts'") from None
+                              "written by datasets.save_to_disk, or list the prompts in 'train.align_prompts'"
+                              ) from None
         if isinstance(ds, datasets.DatasetDict) or "prompt" not in ds.column_names:
             raise ConfigError(f"config key 'train.dataset': '{path}' has no 'prompt' column (one split's folder "
                               "needed); or list the prompts in 'train.align_prompts'")

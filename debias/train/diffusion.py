@@ -130,7 +130,8 @@ class DiffusionTrainConfig:
     weight_decay: float = option(0.0, help="AdamW weight decay (0: parameters only move by their gradients)")
     max_grad_norm: float = option(1.0, help="gradient clipping norm; 0 disables clipping")
     steps: int = option(100, help="optimizer steps")
-    batch_size: int = option(4, help="per process and micro-step: images (sft) or pairs (bpo, dpo; 2 images each)")
+    batch_size: int = option(4, help="per process and micro-step: images (sft), pairs (bpo, dpo; 2 images each) or "
+                                     "neutral prompts (align; align_batch_size images each)")
     grad_accum: int = option(1, help="micro-steps accumulated per optimizer step")
     mixed_precision: Literal["no", "fp16", "bf16"] = option(
         "no", help="autocast precision of the forward passes (fp16 needs a GPU); LoRA weights stay float32")
