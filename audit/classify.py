@@ -522,6 +522,57 @@ class ClipClassifier:
         """Like :meth:`classify`, from preprocessed pixel tensors (N, 3, H, W)."""
         return self.probabilities_from_embeddings(self.image_embeddings_from_pixels(pixel_values))
 
+    # -- differentiable path (training losses on generated images) ---------------------------------------------
+    def embed_tensor_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embeddings (N, D), float32, of float images (N, 3, H, W) in [0, 1], WITH gradient.
+
+        The torch counterpart of :meth:`pixel_values` + :meth:`image_embeddings_from_pixels`: the image processor's
+        resize (bicubic, antialiased; shorter side to ``size.shortest_edge``, or to ``size.height x size.width``),
+        centre crop and normalisation, done on tensors so a loss on the result back-propagates into the images.
+        It differs from the PIL path only by the resampling kernel and the PIL path's 8-bit rounding (nothing else
+        when no resize is needed). Runs in one batch on the images' autograd graph; the model's own parameters get
+        gradients unless the caller freezes them.
+        """
+        ip = self.image_processor
+        x = images.to(self.device, torch.float32)
+        size, crop = getattr(ip, "size", None) or {}, getattr(ip, "crop_size", None) or {}
+        if getattr(ip, "do_resize", True) and size:
+            edge = size.get("shortest_edge") if hasattr(size, "get") else getattr(size, "shortest_edge", None)
+            h, w = x.shape[-2:]
+            if edge:
+                scale = edge / min(h, w)
+                new = (max(edge, round(h * scale)), max(edge, round(w * scale)))
+            else:
+                new = (int(size["height"]), int(size["width"]))
+            if new != (h, w):
+                x = torch.nn.functional.interpolate(x, size=new, mode="bicubic", antialias=True, align_corners=False)
+        if getattr(ip, "do_center_crop", False) and crop and crop.get("height"):
+            ch, cw = int(crop["height"]), int(crop["width"])
+            top, left = (x.shape[-2] - ch) // 2, (x.shape[-1] - cw) // 2
+            x = x[..., top:top + ch, left:left + cw]
+        if getattr(ip, "do_normalize", True):
+            mean = torch.tensor(ip.image_mean, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(ip.image_std, device=x.device).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        feats = _pooled(self.model.get_image_features(pixel_values=x.to(self.dtype))).float()
+        return torch.nn.functional.normalize(feats, dim=-1)
+
+    def class_log_probs(self, image_embeddings: torch.Tensor, attribute: str) -> torch.Tensor:
+        """Log class probabilities (N, K) of one attribute from unit-norm image embeddings, WITH gradient.
+
+        The same head as :meth:`probabilities_from_embeddings` (softmax over the attribute's descriptions, a class's
+        probability the sum over its descriptions), as ``logsumexp`` over each class's descriptions minus
+        ``logsumexp`` over all of them, so that a cross-entropy on it is stable.
+        """
+        if attribute not in self.heads:
+            raise UserError(f"classifier has no attribute {attribute!r}{did_you_mean(attribute, list(self.heads))}; "
+                            f"it classifies: {', '.join(self.heads)}")
+        head = self.heads[attribute]
+        logits = self.logit_scale * image_embeddings.to(self.device, torch.float32) @ head.embeddings.T  # (N, S)
+        log_sub = logits.log_softmax(dim=-1)
+        columns = [log_sub[:, head.class_index == k].logsumexp(dim=-1) for k in range(len(head.classes))]
+        return torch.stack(columns, dim=-1)
+
     def classify(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
         """Class probabilities of every image for every attribute.
 

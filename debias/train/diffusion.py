@@ -55,6 +55,11 @@ Notation: ``y`` an image, ``z_0 = VAE(y)`` its latent, ``c`` the embedding of it
   ``loss_dpo = -log sigmoid(D)``. Wallace et al. write ``-0.5 * beta_dpo * (model_diff - ref_diff)``, so their
   ``beta_dpo`` is ``2 * beta`` here (their SD 1.5 setting 5000 is ``beta = 2500``, the default for ``dpo``).
 
+* ``align`` (Shen et al. 2024, :mod:`debias.train.align`): no images from the dataset; the model samples
+  ``align_batch_size`` images per neutral prompt, the audit's CLIP classifier scores them, optimal transport to the
+  target distribution gives each image a target class, and a cross-entropy (plus a term keeping each image close to
+  the frozen model's image from the same noise) back-propagates through the sampling steps.
+
 Pairs are built explicitly by row index (:func:`build_pairs`, on :func:`debias.losses.pair_indices`), never
 cyclically or by position arithmetic (the published code's race pairing skipped pairs, DESIGN.md).
 
@@ -106,9 +111,11 @@ class DiffusionTrainConfig:
     dataset: str = option("", help="directory of the balanced dataset (datasets.save_to_disk) with columns "
                                    "prompt, group, image (+ optional seed, confidence)")
     output_dir: str = option("", help="run folder; the adapter is written to OUTPUT_DIR/adapter")
-    objective: Literal["sft", "bpo", "dpo"] = option(
+    objective: Literal["sft", "bpo", "dpo", "align"] = option(
         "sft", help="sft: denoising loss on the neutral prompt; bpo: balanced preference loss over pairs of "
-                    "different groups; dpo: Diffusion-DPO sigmoid loss (needs preferred_group)")
+                    "different groups; dpo: Diffusion-DPO sigmoid loss (needs preferred_group); align: distributional "
+                    "alignment of the model's own samples to align_target (Shen et al. 2024; needs the classifier, "
+                    "see debias.train.align)")
     lora_target: Literal["unet", "text_encoder"] = option(
         "unet", help="where LoRA goes: unet (to_q, to_k, to_v, to_out.0) or text_encoder (q/k/v/out_proj)")
     rank: int = option(8, help="LoRA rank r")
@@ -123,7 +130,8 @@ class DiffusionTrainConfig:
     weight_decay: float = option(0.0, help="AdamW weight decay (0: parameters only move by their gradients)")
     max_grad_norm: float = option(1.0, help="gradient clipping norm; 0 disables clipping")
     steps: int = option(100, help="optimizer steps")
-    batch_size: int = option(4, help="per process and micro-step: images (sft) or pairs (bpo, dpo; 2 images each)")
+    batch_size: int = option(4, help="per process and micro-step: images (sft), pairs (bpo, dpo; 2 images each) or "
+                                     "neutral prompts (align; align_batch_size images each)")
     grad_accum: int = option(1, help="micro-steps accumulated per optimizer step")
     mixed_precision: Literal["no", "fp16", "bf16"] = option(
         "no", help="autocast precision of the forward passes (fp16 needs a GPU); LoRA weights stay float32")
@@ -136,8 +144,41 @@ class DiffusionTrainConfig:
     preferred_group: str | dict[str, str] | None = option(
         None, help="dpo only: the preferred (chosen) group, one name for all prompts or a mapping prompt -> group")
     min_confidence: float = option(0.0, help="drop rows whose classifier confidence is below this (needs the column)")
-    resolution: int = option(512, help="images are resized (shorter side) and centre-cropped to this many pixels")
+    resolution: int = option(512, help="images are resized (shorter side) and centre-cropped to this many pixels; "
+                                       "align: the side of the generated images")
     seed: int = option(0, help="seed of the shuffling, timesteps and noise")
+    # objective 'align' (debias.train.align): batch_size is prompts per micro-step there, each with align_batch_size
+    # images; the run needs the audit's classifier (run_diffusion_train(..., classifier=...)).
+    align_attribute: str = option("gender", help="align: the classifier attribute to align (gender, race, ...)")
+    align_target: str | dict[str, float] = option(
+        "uniform", help="align: target distribution of align_attribute per prompt: uniform, or a mapping class -> "
+                        "share naming every class (e.g. {young: 0.75, old: 0.25})")
+    align_prompts: list[str] | None = option(
+        None, help="align: the neutral prompts to train on; null takes the distinct values of the dataset's prompt "
+                   "column (e.g. the synth set's neutral prompts; its images are not used). Set one of the two")
+    align_batch_size: int = option(
+        8, help="align: images generated per prompt and micro-step; the OT assigns targets within this batch")
+    align_inference_steps: int = option(
+        20, help="align: sampling steps of the training samples (the pipeline's own scheduler; the paper: 19-23)")
+    align_steps: int | None = option(
+        None, help="align: the last K sampling steps that keep gradients (earlier steps run without a graph; memory "
+                   "grows with K); null: all steps, as the paper. The late steps barely move the image: on the tiny "
+                   "DDIM/PNDM pipelines the last step alone carries < 1e-3 of the 8-step gradient norm")
+    align_guidance_scale: float | None = option(
+        None, help="align: CFG scale of the training samples; null: the generator config's "
+                   "sampling.guidance_scale, i.e. what the audit samples with (7.5 for a pipeline passed in)")
+    align_confidence: float = option(
+        0.8, help="align: threshold C on the OT target's confidence c_i = max_k q_ik (q_i: how often image i is sent "
+                  "to class k over target draws); images below it get no cross-entropy. The paper's 0.8")
+    align_target_draws: int = option(
+        200, help="align: iid target batches drawn to estimate q_i (the paper's expected OT); 0 uses the fixed counts "
+                  "N * share (largest remainder) once, with every confidence 1")
+    align_semantic_weight: float = option(
+        8.0, help="align: weight lambda of the semantics-preserving term 1 - cos(CLIP(image), CLIP(frozen model's "
+                  "image from the same noise)); 0 drops it (and the frozen model's sampling pass)")
+    align_semantic_change_factor: float = option(
+        0.2, help="align: semantic weight of images asked to change class (or without a confident target), relative "
+                  "to 1 for images that keep the frozen image's class (the authors' 0.2)")
 
     def __post_init__(self):
         checks = [
@@ -165,6 +206,9 @@ class DiffusionTrainConfig:
         if self.objective != "dpo" and self.preferred_group is not None:
             raise ConfigError(f"config key 'train.preferred_group' only applies to objective 'dpo' (objective is "
                               f"'{self.objective}'); remove it")
+        from debias.train.align import check_align_fields
+
+        check_align_fields(self)
 
     @property
     def effective_beta(self) -> float:
@@ -592,7 +636,7 @@ def _record(config: DiffusionTrainConfig, data: _Data, identity: dict) -> dict:
 
 
 def _same_run(a: dict, b: dict) -> bool:
-    keys = ("train", "dataset_fingerprint", "base")
+    keys = ("train", "dataset_fingerprint", "base", "align")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -604,6 +648,7 @@ def run_diffusion_train(
     config: DiffusionTrainConfig | dict,
     pipeline_or_generator_config,
     out_dir: str | os.PathLike | None = None,
+    classifier=None,
 ) -> Path:
     """Fine-tune a LoRA adapter on the balanced set and save it where ``pipe.load_lora_weights`` can load it.
 
@@ -618,6 +663,8 @@ def run_diffusion_train(
             attached and active, ready to sample), or a diffusers :class:`generators.base.GeneratorConfig` (or its
             mapping) to load one.
         out_dir: run folder; defaults to ``config.output_dir``.
+        classifier: the audit's :class:`audit.classify.ClipClassifier`; required by objective ``align`` (it is the
+            differentiable attribute classifier of the loss, and its identity keys the run), ignored otherwise.
 
     Returns:
         The adapter folder ``OUT_DIR/adapter`` (``pytorch_lora_weights.safetensors``, ``train_config.json``,
@@ -640,10 +687,23 @@ def run_diffusion_train(
     force_cpu = (src.get("device") if isinstance(src, dict)
                  else getattr(src, "device", None) if isinstance(src, GeneratorConfig) else None) == "cpu"
     _check_precision(config, force_cpu)
-    data = _load_data(config)
+    sampling = None
+    if config.objective == "align":
+        from debias.train import align
+
+        align.check_classifier(config, classifier)
+        sampling = align.sampling_defaults(src)
+        if config.align_guidance_scale is not None:
+            sampling["guidance_scale"] = config.align_guidance_scale
+        prompts, fingerprint = align.load_prompts(config)
+        data = _Data(None, prompts, [], list(range(len(prompts))), None, fingerprint)
+    else:
+        data = _load_data(config)
     pipe, identity = _resolve_pipeline(pipeline_or_generator_config)
     _check_pipeline(pipe, config)
     record = _record(config, data, identity)
+    if sampling is not None:
+        record["align"] = {"classifier": classifier.identity(), **sampling}
 
     adapter_dir = out / "adapter"
     if adapter_dir.exists():
@@ -655,10 +715,11 @@ def run_diffusion_train(
             return adapter_dir
         raise UserError(f"config key 'train.output_dir': '{adapter_dir}' already holds an adapter from another run "
                         "(or from a base model that cannot be identified); pass a new output_dir or delete it")
-    return _train(config, data, pipe, record, out, adapter_dir, force_cpu)
+    return _train(config, data, pipe, record, out, adapter_dir, force_cpu, classifier, sampling)
 
 
-def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path, force_cpu: bool) -> Path:
+def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path, force_cpu: bool,
+           classifier=None, sampling: dict | None = None) -> Path:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from diffusers.optimization import get_scheduler
@@ -667,6 +728,7 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
     fresh_state = not AcceleratorState._shared_state  # leave accelerate's process-global state as we found it
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
                               mixed_precision=config.mixed_precision, cpu=force_cpu)
+    objective = None
     try:
         device = accelerator.device
         target = config.lora_target
@@ -710,6 +772,11 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
         setattr(parts, target, wrapped)
         noise_gen = torch.Generator(device=device).manual_seed(config.seed * 1000 + accelerator.process_index)
         beta, reference = config.effective_beta, config.effective_reference
+        if config.objective == "align":  # data.rows index the neutral prompts; batch_size prompts per micro-step
+            from debias.train.align import AlignObjective
+
+            objective = AlignObjective(config, pipe, parts, classifier, sampling["guidance_scale"],
+                                       sampling["negative_prompt"], (config.seed, accelerator.process_index))
 
         logs: list[dict] = []
         step, acc_stats = 0, []
@@ -718,7 +785,9 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
                 idx = batch.tolist()
                 with accelerator.accumulate(wrapped):
                     with accelerator.autocast():
-                        if data.pairs is None:
+                        if objective is not None:
+                            loss, stats = objective.loss([data.prompts[data.rows[k]] for k in idx], noise_gen)
+                        elif data.pairs is None:
                             rows = [data.rows[k] for k in idx]
                             pixels = _pixels(data, rows, config.resolution, device)
                             loss, stats = parts.sft_loss(pixels, [data.prompts[r] for r in rows], noise_gen)
@@ -730,6 +799,8 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
                                 config.objective, pix[:len(idx)], pix[len(idx):],
                                 [data.prompts[int(i)] for i in pairs[:, 0]], noise_gen, beta, reference)
                     accelerator.backward(loss)
+                    if objective is not None:
+                        objective.sync_gradients(accelerator, params)
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     optimizer.step()
@@ -758,6 +829,8 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
         accelerator.wait_for_everyone()
         return adapter_dir
     finally:
+        if objective is not None:
+            objective.close()
         if fresh_state:
             AcceleratorState._reset_state()
             GradientState._reset_state()
