@@ -146,10 +146,13 @@ def test_identical_images_of_both_groups_give_zero_balanced_loss(lora_parts):
     for reference in ("none", "base"):
         loss, stats = parts.preference_loss("bpo", pixels, pixels.clone(), PROMPTS, torch.Generator().manual_seed(0),
                                             beta=2500.0, reference=reference)
-        assert loss.item() == 0.0 and stats["D"] == 0.0  # D = 0 -> sigmoid = 1/2 -> log(1 + 0) = 0, exactly
-        dpo, _ = parts.preference_loss("dpo", pixels, pixels.clone(), PROMPTS, torch.Generator().manual_seed(0),
-                                       beta=2500.0, reference=reference)
-        assert dpo.item() == pytest.approx(math.log(2.0), abs=1e-7)
+        # D = 0 -> sigmoid = 1/2 -> log(1 + 0) = 0. The two copies sit in different rows of one batched UNet call,
+        # whose CPU kernels may round rows differently (~1e-7 relative in err, ~1e-9 in the loss on some CPUs).
+        assert abs(stats["D"]) / 2500.0 < 1e-6 and loss.item() < 1e-8
+        dpo, dpo_stats = parts.preference_loss("dpo", pixels, pixels.clone(), PROMPTS,
+                                               torch.Generator().manual_seed(0), beta=2500.0, reference=reference)
+        assert abs(dpo_stats["D"]) / 2500.0 < 1e-6  # log 2 at D = 0; d loss / dD = -1/2 there
+        assert dpo.item() == pytest.approx(math.log(2.0), abs=abs(dpo_stats["D"]) / 2 + 1e-6)
     # different images do give a positive loss, below its bound log(1.25)
     other = images_to_pixels([_image(rng, "male"), _image(rng, "female")], RES)
     loss, stats = parts.preference_loss("bpo", pixels, other, PROMPTS, torch.Generator().manual_seed(0),
