@@ -9,11 +9,14 @@ cosine, warmup 0.03; BPO beta 1, lr 8e-7, continuing the SFT adapter, no SFT ter
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from generators.config import ConfigError, option
 
-METHODS = ("sft", "bpo", "sft+bpo", "freq", "sft+freq")
+METHODS = ("sft", "bpo", "sft+bpo", "freq", "sft+freq", "dpo", "sft+dpo")
+# Which methods each kind of generator trains: image-token models (Janus, Emu3) and diffusion pipelines.
+TOKEN_METHODS = ("sft", "bpo", "sft+bpo", "freq", "sft+freq")
+DIFFUSION_METHODS = ("sft", "bpo", "sft+bpo", "dpo", "sft+dpo")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -154,6 +157,28 @@ class MonitorOptions:
         _positive("train.monitor.images_per_prompt", self.images_per_prompt)
 
 
+_STAGE_HELP = ("keys of DiffusionTrainConfig (debias/train/diffusion.py: lr, steps, batch_size, rank, beta, ...) "
+               "for the {} stage, over train.diffusion.shared")
+
+
+@dataclass
+class DiffusionStages:
+    """The stages of a DIFFUSION pipeline's training (generator backend diffusers or a subclass, e.g. lab-sd).
+
+    Each stage section holds keys of :class:`debias.train.diffusion.DiffusionTrainConfig` (lr, steps, batch_size,
+    rank, beta, ...), laid over ``shared``; ``debias train`` sets ``objective`` (the stage name), ``dataset``
+    (train.dataset), ``output_dir`` (the stage folder) and ``init_adapter`` (train.init_adapter for the first stage,
+    then the previous stage's adapter) itself. Checked when training plans the run, before anything is written.
+    """
+
+    shared: dict[str, Any] = option(
+        default_factory=dict, help="DiffusionTrainConfig keys for every stage (e.g. resolution, lora_target, rank, "
+                                   "alpha, batch_size, mixed_precision, seed); a stage's own keys win")
+    sft: dict[str, Any] = option(default_factory=dict, help=_STAGE_HELP.format("sft (denoising loss)"))
+    bpo: dict[str, Any] = option(default_factory=dict, help=_STAGE_HELP.format("bpo (balanced preference)"))
+    dpo: dict[str, Any] = option(default_factory=dict, help=_STAGE_HELP.format("dpo (Diffusion-DPO, comparison)"))
+
+
 @dataclass
 class TrainConfig:
     """How to fine-tune the generator's language model (LoRA) to remove demographic bias."""
@@ -188,6 +213,9 @@ class TrainConfig:
     bpo: BPOOptions = option(default_factory=BPOOptions, help="stage 2: balanced preference optimisation")
     freq: FreqOptions = option(default_factory=FreqOptions, help="on-policy group-frequency objective")
     monitor: MonitorOptions = option(default_factory=MonitorOptions, help="periodic RD check while training")
+    diffusion: DiffusionStages = option(
+        default_factory=DiffusionStages, help="diffusion pipelines only: the sft / bpo / dpo stage settings (keys of "
+                                              "DiffusionTrainConfig); lora, sft, bpo, freq above are for token models")
     batch_size: int = option(8, help="examples per device per micro-batch (bpo: pairs; freq: sampled images)")
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimiser step")
     precision: Literal["fp32", "bf16", "fp16"] = option(

@@ -347,8 +347,15 @@ class DiffusionParts:
                         m.enable_adapters()
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
-    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(eps, t)`` for a batch of latents, drawn from ``generator``."""
+    def sample_noise(self, latents: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(eps, t)`` for a batch of latents, drawn from ``generator``, or one generator per item (a list): then an
+        item's draw does not depend on the batch it is in or on the process that trains it (see :func:`item_noise`)."""
+        if isinstance(generator, (list, tuple)):
+            T = self.noise_scheduler.config.num_train_timesteps
+            t = torch.cat([torch.randint(0, T, (1,), generator=g, device=g.device) for g in generator])
+            eps = torch.stack([torch.randn(latents.shape[1:], generator=g, device=g.device, dtype=torch.float32)
+                               for g in generator])
+            return eps.to(latents.device, latents.dtype), t.to(latents.device)
         n = latents.shape[0]
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator,
                           device=generator.device).to(latents.device)
@@ -507,15 +514,16 @@ def _resolve_pipeline(source) -> tuple[Any, dict]:
     if isinstance(source, dict):
         source = from_dict(GeneratorConfig, source, prefix="generator")
     if isinstance(source, GeneratorConfig):
-        if source.backend != "diffusers":
-            raise ConfigError(f"config key 'generator.backend': diffusion training needs backend 'diffusers', got "
-                              f"'{source.backend}'; use the Janus trainer for token generators")
+        if not is_diffusers_backend(source.backend):
+            raise ConfigError(f"config key 'generator.backend': diffusion training needs a diffusers pipeline "
+                              f"(backend 'diffusers' or a subclass of it), got '{source.backend}'; use the Janus "
+                              "trainer for token generators")
         if source.adapter:
             raise ConfigError("config key 'generator.adapter': training starts from the base model; move the adapter "
                               "to 'train.init_adapter' to continue training it")
-        from generators.diffusers_backend import DiffusersGenerator
+        from generators.backends import GENERATORS
 
-        pipe = DiffusersGenerator(source).pipeline
+        pipe = GENERATORS.get(source.backend)(source).pipeline
         return pipe, {"model": source.model, "revision": source.revision, "dtype": source.dtype}
     if not all(hasattr(source, a) for a in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
         raise UserError(f"run_diffusion_train: expected a StableDiffusionPipeline or a generator config, got "
@@ -604,6 +612,9 @@ def run_diffusion_train(
     config: DiffusionTrainConfig | dict,
     pipeline_or_generator_config,
     out_dir: str | os.PathLike | None = None,
+    save_steps: int = 0,
+    save_total_limit: int = 2,
+    resume_from: str | os.PathLike | None = None,
 ) -> Path:
     """Fine-tune a LoRA adapter on the balanced set and save it where ``pipe.load_lora_weights`` can load it.
 
@@ -618,6 +629,12 @@ def run_diffusion_train(
             attached and active, ready to sample), or a diffusers :class:`generators.base.GeneratorConfig` (or its
             mapping) to load one.
         out_dir: run folder; defaults to ``config.output_dir``.
+        save_steps: write a resumable ``OUT_DIR/checkpoint-N`` every N optimizer steps (0: never); see
+            :func:`_save_checkpoint`. Not part of the run's identity (changing it does not retrain).
+        save_total_limit: checkpoints kept (the oldest are removed).
+        resume_from: a ``checkpoint-N`` folder of this run to continue from; the result equals the uninterrupted
+            run's (the LoRA weights, optimizer, scheduler, data position and log are restored; the noise of every
+            item is a function of seed, epoch and item, see :func:`item_generators`).
 
     Returns:
         The adapter folder ``OUT_DIR/adapter`` (``pytorch_lora_weights.safetensors``, ``train_config.json``,
@@ -655,10 +672,13 @@ def run_diffusion_train(
             return adapter_dir
         raise UserError(f"config key 'train.output_dir': '{adapter_dir}' already holds an adapter from another run "
                         "(or from a base model that cannot be identified); pass a new output_dir or delete it")
-    return _train(config, data, pipe, record, out, adapter_dir, force_cpu)
+    resume = _read_checkpoint(resume_from, record) if resume_from is not None else None
+    return _train(config, data, pipe, record, out, adapter_dir, force_cpu,
+                  Checkpointing(max(0, int(save_steps)), max(1, int(save_total_limit)), resume))
 
 
-def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path, force_cpu: bool) -> Path:
+def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path, force_cpu: bool,
+           ckpt: "Checkpointing | None" = None) -> Path:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from diffusers.optimization import get_scheduler
@@ -708,14 +728,19 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
         wrapped, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
         parts = DiffusionParts.from_pipeline(pipe)
         setattr(parts, target, wrapped)
-        noise_gen = torch.Generator(device=device).manual_seed(config.seed * 1000 + accelerator.process_index)
         beta, reference = config.effective_beta, config.effective_reference
 
+        ckpt = ckpt or Checkpointing()
         logs: list[dict] = []
-        step, acc_stats = 0, []
+        step, acc_stats, epoch, start = 0, [], 0, (0, 0)
+        if ckpt.resume is not None:
+            step, logs, start = _load_checkpoint(ckpt.resume, model, optimizer, lr_scheduler)
         while step < config.steps:
-            for batch in loader:
+            for position, batch in enumerate(loader):
+                if (epoch, position) < start:
+                    continue  # consumed before the checkpoint (iterating keeps the shuffle order of the run)
                 idx = batch.tolist()
+                noise_gen = item_generators(config.seed, epoch, idx)
                 with accelerator.accumulate(wrapped):
                     with accelerator.autocast():
                         if data.pairs is None:
@@ -744,6 +769,10 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
                     acc_stats = []
                     if step >= config.steps:
                         break
+                    if ckpt.save_steps and step % ckpt.save_steps == 0:
+                        _save_checkpoint(accelerator, model, optimizer, lr_scheduler, out, step, logs,
+                                         (epoch, position + 1), record, ckpt.save_total_limit)
+            epoch += 1
 
         # Mixed precision patches the instance's forward with autocast; the pipeline must sample as before.
         model = accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
@@ -805,3 +834,107 @@ def _save(pipe, record: dict, logs: list[dict], out: Path, adapter_dir: Path) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backends, per-item noise and resumable checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+def is_diffusers_backend(backend: str) -> bool:
+    """Whether generator backend ``backend`` is a diffusers pipeline (``diffusers`` or a subclass, e.g. ``lab-sd``)."""
+    from generators.backends import GENERATORS
+    from generators.diffusers_backend import DiffusersGenerator
+
+    try:
+        cls = GENERATORS.get(backend)
+    except Exception:  # an unknown name: the generator config check reports it
+        return False
+    return isinstance(cls, type) and issubclass(cls, DiffusersGenerator)
+
+
+def item_generators(seed: int, epoch: int, items: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per training item, seeded by ``(seed, epoch, item)``: the noise and timestep an item gets
+    do not depend on the batch size, the process that trains it or where a run resumed, so a run on N processes
+    (per-process batch / N) computes the same update as on one, and a resumed run the same as an uninterrupted one."""
+    import hashlib
+
+    out = []
+    for k in items:
+        digest = hashlib.sha256(f"{seed}:{epoch}:{int(k)}".encode()).digest()
+        out.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+    return out
+
+
+CHECKPOINT_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint (as the Trainer's)
+
+
+@dataclass
+class Checkpointing:
+    save_steps: int = 0
+    save_total_limit: int = 2
+    resume: dict | None = None
+
+
+def _read_checkpoint(path, record: dict) -> dict:
+    """The state of checkpoint folder ``path``; it must be complete and come from the same run (config, data,
+    base model)."""
+    path = Path(path)
+    try:
+        state = json.loads((path / CHECKPOINT_STATE).read_text())
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise UserError(f"checkpoint '{path}' is incomplete (no readable {CHECKPOINT_STATE}); pass an earlier "
+                        "checkpoint-N, or none to start over")
+    if not _same_run(state.get("record") or {}, record):
+        raise UserError(f"checkpoint '{path}' was written by another run (config, data or base model differ); "
+                        "pass a checkpoint of this run, or none to start over")
+    return {**state, "path": str(path)}
+
+
+def _save_checkpoint(accelerator, model, optimizer, lr_scheduler, out: Path, step: int, logs: list[dict],
+                     position: tuple[int, int], record: dict, limit: int) -> None:
+    """``OUT/checkpoint-STEP``: the trainable (LoRA) weights (safetensors), the optimizer and scheduler states, and
+    ``trainer_state.json`` (step, data position, log, run record) written LAST, so a kill mid-save leaves a folder
+    that :func:`debias.train.run.last_complete_checkpoint` recognises as incomplete. Weights and optimizer states
+    are identical on every process under DDP, so the main process writes them alone."""
+    from safetensors.torch import save_file
+
+    from audit.store import crash_point
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path = out / f"checkpoint-{step}"
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        save_file({n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(path / "lora.safetensors"))
+        torch.save(optimizer.state_dict(), path / "optimizer.pt")
+        crash_point(f"train:checkpoint-{step}")
+        torch.save(lr_scheduler.state_dict(), path / "scheduler.pt")
+        state = {"global_step": step, "epoch": position[0], "next_batch": position[1], "log_history": logs,
+                 "record": record}
+        (path / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
+        done = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()
+                       and (p / CHECKPOINT_STATE).is_file()), key=lambda p: int(p.name[11:]))
+        for old in done[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(state: dict, model, optimizer, lr_scheduler) -> tuple[int, list[dict], tuple[int, int]]:
+    from safetensors.torch import load_file
+
+    path = Path(state["path"])
+    weights = load_file(str(path / "lora.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if weights.keys() != params.keys():
+        raise UserError(f"checkpoint '{path}' holds other LoRA weights than this run trains; pass a checkpoint of "
+                        "this run, or none to start over")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    return int(state["global_step"]), list(state["log_history"]), (int(state["epoch"]), int(state["next_batch"]))
