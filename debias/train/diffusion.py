@@ -121,6 +121,8 @@ class DiffusionTrainConfig:
     lr_schedule: Literal["constant", "cosine"] = option("constant", help="learning-rate schedule after warmup")
     warmup_ratio: float = option(0.0, help="fraction of the steps with linear warmup")
     weight_decay: float = option(0.0, help="AdamW weight decay (0: parameters only move by their gradients)")
+    adam_epsilon: float = option(1e-8, help="AdamW epsilon (diffusers' training scripts: 1e-8); entries whose "
+                                            "gradient is near it get updates that depend steeply on its rounding")
     max_grad_norm: float = option(1.0, help="gradient clipping norm; 0 disables clipping")
     steps: int = option(100, help="optimizer steps")
     batch_size: int = option(4, help="per process and micro-step: images (sft) or pairs (bpo, dpo; 2 images each)")
@@ -147,6 +149,7 @@ class DiffusionTrainConfig:
             ("lr", self.lr > 0, "a positive number, e.g. 1e-4"),
             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "a number in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("adam_epsilon", self.adam_epsilon > 0, "a positive number, e.g. 1e-8"),
             ("max_grad_norm", self.max_grad_norm >= 0, "a number >= 0 (0 disables clipping)"),
             ("steps", self.steps >= 1, "a positive integer"),
             ("batch_size", self.batch_size >= 1, "a positive integer"),
@@ -714,7 +717,7 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
         model.train()
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_epsilon)
         n_items = len(data.pairs) if data.pairs is not None else len(data.rows)
         loader = torch.utils.data.DataLoader(
             list(range(n_items)), batch_size=config.batch_size, shuffle=True,

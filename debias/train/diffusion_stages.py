@@ -94,14 +94,23 @@ def stage_config(train: TrainConfig, stage: str, init_adapter: str | None = None
     try:
         return from_dict(DiffusionTrainConfig, merged, prefix=f"train.diffusion.{stage}")
     except ConfigError as err:
-        # DiffusionTrainConfig's own checks name 'train.<key>': point at the section the key came from.
-        message = str(err)
-        for key in merged:
-            for old in (f"'train.{key}'", f"'train.diffusion.{stage}.{key}'"):
-                if old in message:
-                    section = stage if key in own or key not in shared else "shared"
-                    message = message.replace(old, f"'train.diffusion.{section}.{key}'")
-        raise ConfigError(message) from None
+        raise in_section(err, train, stage) from None
+
+
+def in_section(err: UserError, train: TrainConfig, stage: str) -> UserError:
+    """``err`` with the keys DiffusionTrainConfig names (``train.<key>``) pointing at the section the key came from
+    (``train.diffusion.<stage>.<key>`` or ``train.diffusion.shared.<key>``; dataset stays ``train.dataset``)."""
+    from debias.train.diffusion import DiffusionTrainConfig
+
+    own, shared = getattr(train.diffusion, stage), train.diffusion.shared
+    message = str(err)
+    for key in (f.name for f in dataclasses.fields(DiffusionTrainConfig)):
+        if key in SET_BY_RUNNER and key != "objective":
+            continue
+        section = stage if key in own or key not in shared else "shared"
+        for old in (f"'train.{key}'", f"'train.diffusion.{stage}.{key}'"):
+            message = message.replace(old, f"'train.diffusion.{section}.{key}'")
+    return type(err)(message)
 
 
 @dataclass
@@ -147,7 +156,10 @@ def plan_diffusion(train: TrainConfig, generator_config: GeneratorConfig, out_di
         if name in train.stages or getattr(train.diffusion, name):
             plan.configs[name] = stage_config(train, name, init_adapter)
     for name in train.stages:
-        _load_data(plan.configs[name])  # columns, confidence filter, pairs, preferred group
+        try:
+            _load_data(plan.configs[name])  # columns, confidence filter, pairs, preferred group
+        except UserError as err:
+            raise in_section(err, train, name) from None
 
     gen = generator_config
     previous = _digest({"model": gen.model, "revision": gen.revision, "dtype": gen.dtype, "backend": gen.backend},

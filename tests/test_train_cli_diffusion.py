@@ -1,0 +1,245 @@
+"""`debias synth` / `debias train` on a diffusion pipeline (tiny SD): stages, resume, 1 vs 2 processes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from generators.config import to_dict
+
+SMOKE = "train-smoke-sd"  # configs/experiments/train-smoke-sd.yaml
+PROMPTS = ["A photo of the face of a nurse, a person", "A photo of the face of a pilot, a person"]
+GROUPS = ["male", "female"]
+RES = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads; on 2 shared cores extra threads oversubscribe (10x slower).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _image(rng: np.random.Generator, group: str):
+    from PIL import Image
+
+    base = np.array([200, 80, 60] if group == "female" else [60, 90, 200], dtype=np.float32)
+    return Image.fromarray(np.clip(base + rng.normal(0, 30, size=(RES, RES, 3)), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    """8 rows: 2 neutral prompts x 2 groups x 2 images (8 cross-group pairs), the columns `debias synth` writes."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    rows = {"prompt": [], "group": [], "seed": [], "confidence": [], "image": []}
+    for prompt in PROMPTS:
+        for n in range(2):
+            for group in GROUPS:
+                for key, value in (("prompt", prompt), ("group", group), ("seed", n), ("confidence", 0.9),
+                                   ("image", _image(rng, group))):
+                    rows[key].append(value)
+    features = datasets.Features({"prompt": datasets.Value("string"), "group": datasets.Value("string"),
+                                  "seed": datasets.Value("int64"), "confidence": datasets.Value("float32"),
+                                  "image": datasets.Image()})
+    path = tmp_path_factory.mktemp("balanced") / "dataset"
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
+    return path
+
+
+def _experiment(dataset, **train) -> dict:
+    """The smoke config as resolved data (what `debias train` hands main_train), with train keys replaced."""
+    from debias.config import load_config
+
+    data = to_dict(load_config(SMOKE, {"train.dataset": str(dataset)}))
+    for key, value in train.items():
+        node = data["train"]
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return data
+
+
+def _lora(adapter: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(adapter) / "pytorch_lora_weights.safetensors"))
+
+
+def _cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "debias.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd)
+
+
+# ------------------------------------------------------------------------------------ synth -> train -> re-audit
+
+
+@pytest.mark.slow
+def test_synth_train_and_reaudit_from_the_cli(tmp_path):
+    """`debias synth` makes the dataset from the pipeline itself in the format the diffusion trainer reads;
+    `debias train` (a subprocess) runs SFT then BPO on the SFT adapter; the audit with the adapter differs."""
+    from debias.cli import main
+
+    synth = tmp_path / "synth"
+    assert main(["synth", "--config", SMOKE, "--out", str(synth), "--quiet"]) == 0
+    ds = synth / "dataset"
+    out = tmp_path / "train"
+    done = _cli("train", "--config", SMOKE, "--out", str(out), "--set", f"train.dataset={ds}")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    result = json.loads((out / "train_result.json").read_text())
+    assert result["adapter"] == str(out / "bpo" / "adapter") and result["stages"] == ["sft", "bpo"]
+    assert json.loads((out / "bpo" / "stage.json").read_text())["init_adapter"] == str(out / "sft" / "adapter")
+    sft, bpo = _lora(out / "sft" / "adapter"), _lora(out / "bpo" / "adapter")
+    assert sft.keys() == bpo.keys() and all(k.startswith("unet.") for k in sft)
+    assert any(not torch.equal(sft[k], bpo[k]) for k in sft), "BPO did not move the SFT adapter"
+    assert any(k.endswith("lora.up.weight") and sft[k].abs().max() > 0 for k in sft), "SFT left B at its zero init"
+    log = [json.loads(line) for line in (out / "bpo" / "adapter" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2]
+
+    # The re-audit: the same prompts and seeds with the final adapter loaded by DiffusersGenerator.
+    for name, extra in (("before", []), ("after", ["--adapter", result["adapter"]])):
+        assert main(["audit", "--config", SMOKE, "--out", str(tmp_path / name), "--quiet", *extra]) == 0
+    after = json.loads((tmp_path / "after" / "metrics.json").read_text())
+    assert after["run"]["generator"]["adapter"] == result["adapter"]
+    from audit.store import RunStore
+
+    def images(name: str) -> dict:
+        store = RunStore(tmp_path / name)
+        return {(r["prompt"], r["seed"]): np.asarray(store.image(r), np.float32) for r in store.records()}
+
+    before, after = images("before"), images("after")
+    assert before.keys() == after.keys() and len(before) == 8  # the same prompts and seeds
+    diffs = [np.abs(before[k] - after[k]).max() for k in before]
+    assert max(diffs) > 0, "the adapter changed no image"
+
+
+# ------------------------------------------------------------------------------------------- 1 vs 2 processes
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_update_as_one(dataset_dir, tmp_path, monkeypatch):
+    """`accelerate launch` with 2 CPU processes (torchrun + gloo), per-process batch halved (the global batch held
+    at 4), gives the 1-process adapter: every item's noise and timestep are functions of (seed, epoch, item), the
+    two processes' shards of a global batch are the 1-process batch, and DDP averages their gradients.
+
+    Tolerance. AdamW divides each gradient entry by sqrt(v) + eps: with eps 1e-8 the few entries whose gradient is
+    itself ~1e-8 (fp32 reduction-order rounding of cancelling sums: 47 of 15360 measured) get updates that differ
+    by up to 4 % of lr between the runs (relative difference of the whole update 6.5e-4). With eps 1e-4, above the
+    gradients' rounding, AdamW is a smooth function of the gradient, and the SFT updates agree to 2.7e-6 (the
+    largest entry differences are one float32 ulp of the weights); the BPO stage, which starts from the two SFT
+    adapters and whose loss is a steep function of D (beta 100), agrees to 1.4e-4. A wrong split (per-process
+    noise, other batches, unaveraged gradients) differs at O(0.1-1).
+    """
+    from debias.train.diffusion import DiffusionTrainConfig, add_lora
+    from debias.train.launch import main_train
+    from generators.tiny import tiny_diffusion_pipeline
+
+    same = {"diffusion.shared.adam_epsilon": 1e-4, "diffusion.bpo.beta": 100.0, "diffusion.bpo.lr": 1e-2,
+            "save_steps": 100}
+    one = _experiment(dataset_dir, **same, **{"diffusion.shared.batch_size": 4})
+    two = _experiment(dataset_dir, **same, **{"diffusion.shared.batch_size": 2, "num_processes": 2,
+                                              "accelerate_config": "multi-gpu-ddp"})
+    main_train(one, str(tmp_path / "one"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    main_train(two, str(tmp_path / "two"))
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    shared = one["train"]["diffusion"]["shared"]
+    pipe = tiny_diffusion_pipeline(0)
+    add_lora(pipe.unet, "unet", DiffusionTrainConfig(rank=shared["rank"], alpha=shared["alpha"]))
+    init = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)).items()}
+    starts = {"sft": (init, init)}
+    starts["bpo"] = tuple(_lora(tmp_path / run / "sft" / "adapter") for run in ("one", "two"))
+    for stage, tolerance in (("sft", 2e-5), ("bpo", 1e-3)):
+        a, b = _lora(tmp_path / "one" / stage / "adapter"), _lora(tmp_path / "two" / stage / "adapter")
+        a0, b0 = starts[stage]
+        assert a.keys() == b.keys() == init.keys()
+        ua = torch.cat([(a[k] - a0[k]).flatten() for k in a])
+        ub = torch.cat([(b[k] - b0[k]).flatten() for k in a])
+        assert all((a[k] - a0[k]).abs().max() > 0 for k in a), f"{stage}: a LoRA tensor did not move"
+        rel = ((ub - ua).norm() / ua.norm()).item()
+        print(f"{stage}: relative difference of the LoRA update, 2 processes vs 1: {rel:.2e}")
+        assert rel < tolerance, (stage, rel)
+    record = json.loads((tmp_path / "two" / "sft" / "adapter" / "train_config.json").read_text())
+    assert record["train"]["batch_size"] == 2
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+
+def test_rerun_skips_finished_stages_and_a_stopped_stage_resumes_to_the_same_adapter(dataset_dir, tmp_path):
+    from debias.train.launch import main_train
+
+    data = _experiment(dataset_dir, **{"diffusion.sft.steps": 4, "save_steps": 2})
+    out = tmp_path / "run"
+    main_train(data, str(out))
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    main_train(data, str(out))  # both stages finished: nothing is retrained
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps
+
+    # A run stopped after the SFT checkpoint at step 2 (the one the run above wrote) and while writing step 4's.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copytree(out / "sft", stopped / "sft")
+    shutil.rmtree(stopped / "sft" / "adapter")
+    assert sorted(p.name for p in (stopped / "sft").glob("checkpoint-*")) == ["checkpoint-2"]
+    (stopped / "sft" / "checkpoint-4").mkdir()
+    (stopped / "sft" / "checkpoint-4" / "lora.safetensors").write_bytes(b"half")
+    main_train(data, str(stopped))
+    assert not (stopped / "sft" / "checkpoint-4").exists()  # incomplete: removed, not resumed from
+    for stage in ("sft", "bpo"):
+        want, got = _lora(out / stage / "adapter"), _lora(stopped / stage / "adapter")
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), stage
+    log = [json.loads(line)["step"] for line in (stopped / "sft" / "adapter" / "train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+
+    # Another config never overwrites the finished run.
+    from generators.config import UserError
+
+    with pytest.raises(UserError, match="stage 'sft' there was trained from a different config"):
+        main_train(_experiment(dataset_dir, **{"diffusion.sft.steps": 4, "diffusion.sft.lr": 1e-3}), str(out))
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("override,message", [
+    ("diffusion.sft.lr=-1", "config key 'train.diffusion.sft.lr': got -1.0; set it to a positive number, e.g. 1e-4"),
+    ("diffusion.shared.rank=0", "config key 'train.diffusion.shared.rank': got 0; set it to a positive integer"),
+    ("diffusion.bpo.rnak=4", "config key 'train.diffusion.bpo.rnak' is unknown; did you mean 'rank'?"),
+    ("diffusion.sft.dataset=x", "config key 'train.diffusion.sft.dataset' is set by `debias train` from "
+                                "train.dataset; remove it"),
+    ("method=sft+freq", "config key 'train.method': 'sft+freq' does not train a diffusion pipeline"),
+    ("batch_size=2", "config key 'train.batch_size' is for image-token models"),
+    ("method=dpo", "config key 'train.diffusion.dpo.preferred_group'"),
+])
+def test_bad_config_value_exits_2_with_one_line_and_writes_nothing(dataset_dir, tmp_path, capsys, override,
+                                                                   message):
+    from debias.cli import main
+
+    out = tmp_path / "run"
+    sets = ["--set", f"train.dataset={dataset_dir}", "--set", override]
+    if override == "method=dpo":
+        sets += ["--set", "diffusion.dpo.preferred_group=robot"]
+    assert main(["train", "--config", SMOKE, "--out", str(out), *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("debias train: error: "), err
+    assert message in err, err
+    assert not out.exists()
