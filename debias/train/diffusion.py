@@ -279,6 +279,8 @@ class DiffusionParts:
     text_encoder: Any
     tokenizer: Any
     noise_scheduler: Any
+    text_encoder_2: Any = None  # SDXL: the second (frozen) text encoder and its tokenizer
+    tokenizer_2: Any = None
 
     @classmethod
     def from_pipeline(cls, pipe) -> "DiffusionParts":
@@ -286,7 +288,8 @@ class DiffusionParts:
 
         # Training noise follows the pipeline's own schedule (betas, prediction type), as diffusers' scripts do.
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
-                   DDPMScheduler.from_config(pipe.scheduler.config))
+                   DDPMScheduler.from_config(pipe.scheduler.config),
+                   getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
 
     @staticmethod
     def _unwrapped(module):
@@ -317,6 +320,26 @@ class DiffusionParts:
                              truncation=True, return_tensors="pt")
         return (text_encoder or self.text_encoder)(tok.input_ids.to(device))[0]
 
+    def conditioning(self, prompts: Sequence[str], latents: torch.Tensor, text_encoder=None) -> tuple[Any, dict]:
+        """The UNet's text conditioning: the hidden states (SD), or for SDXL what ``StableDiffusionXLPipeline``
+        passes: the penultimate hidden states of both text encoders concatenated, the second encoder's pooled
+        projection (``text_embeds``) and ``time_ids`` = (original size, crop top-left (0, 0), target size), all at
+        the training resolution."""
+        device = latents.device
+        if self.text_encoder_2 is None:
+            return self.encode_prompts(prompts, device, text_encoder), {}
+        embeds, pooled = [], None
+        for tok, enc in ((self.tokenizer, text_encoder or self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(device)
+            out = enc(ids, output_hidden_states=True)
+            pooled = out[0]  # the last encoder's (CLIPTextModelWithProjection) text_embeds
+            embeds.append(out.hidden_states[-2])
+        hidden = torch.cat(embeds, dim=-1)
+        side = [n * 2 ** (len(self.vae.config.block_out_channels) - 1) for n in latents.shape[-2:]]
+        time_ids = torch.tensor([[*side, 0, 0, *side]], dtype=hidden.dtype, device=device).repeat(len(prompts), 1)
+        return hidden, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
     def denoising_errors(
         self, latents: torch.Tensor, prompts: Sequence[str], noise: torch.Tensor, timesteps: torch.Tensor,
         use_adapter: bool = True,
@@ -335,16 +358,16 @@ class DiffusionParts:
             raise UserError(f"scheduler prediction_type '{sched.config.prediction_type}' is not supported; "
                             "use a pipeline trained for epsilon or v_prediction")
         if use_adapter:
-            hidden = self.encode_prompts(prompts, latents.device)
-            pred = self.unet(noisy, timesteps, hidden).sample
+            hidden, extra = self.conditioning(prompts, latents)
+            pred = self.unet(noisy, timesteps, hidden, **extra).sample
         else:
             modules = self.peft_modules()
             with torch.no_grad():
                 for m in modules:
                     m.disable_adapters()
                 try:
-                    hidden = self.encode_prompts(prompts, latents.device, self._unwrapped(self.text_encoder))
-                    pred = self._unwrapped(self.unet)(noisy, timesteps, hidden).sample
+                    hidden, extra = self.conditioning(prompts, latents, self._unwrapped(self.text_encoder))
+                    pred = self._unwrapped(self.unet)(noisy, timesteps, hidden, **extra).sample
                 finally:
                     for m in modules:
                         m.enable_adapters()
@@ -538,9 +561,13 @@ def _resolve_pipeline(source) -> tuple[Any, dict]:
 def _check_pipeline(pipe, config: DiffusionTrainConfig) -> None:
     from diffusers import UNet2DConditionModel
 
-    if getattr(pipe, "text_encoder_2", None) is not None or not isinstance(pipe.unet, UNet2DConditionModel):
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    if (not isinstance(pipe.unet, UNet2DConditionModel) or getattr(pipe, "text_encoder_3", None) is not None
+            or (xl and (getattr(pipe, "tokenizer_2", None) is None
+                        or pipe.unet.config.addition_embed_type != "text_time"))):
         raise UserError(f"run_diffusion_train: {type(pipe).__name__} is not supported; train a Stable Diffusion "
-                        "1.x/2.x-style pipeline (one CLIP text encoder, UNet2DConditionModel)")
+                        "1.x/2.x-style pipeline (one CLIP text encoder, UNet2DConditionModel) or an SDXL one (two "
+                        "text encoders, text_time conditioning)")
     if pipe.text_encoder is None or pipe.tokenizer is None:
         raise UserError("run_diffusion_train: the pipeline has no text encoder/tokenizer; load the full pipeline")
     for name in ("unet", "text_encoder"):
@@ -693,8 +720,9 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
     try:
         device = accelerator.device
         target = config.lora_target
-        for name in ("unet", "vae", "text_encoder"):
-            getattr(pipe, name).requires_grad_(False)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).requires_grad_(False)
         if config.init_adapter is not None:
             pipe.load_lora_weights(config.init_adapter, adapter_name=ADAPTER_NAME)
             if ADAPTER_NAME not in (getattr(getattr(pipe, target), "peft_config", None) or {}):
@@ -714,6 +742,8 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
         pipe.vae.to(device).eval()
         pipe.unet.to(device)
         pipe.text_encoder.to(device)
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            pipe.text_encoder_2.to(device).eval()  # SDXL's second encoder: conditioning only, never trained
         model.train()
 
         params = [p for p in model.parameters() if p.requires_grad]
