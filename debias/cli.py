@@ -228,7 +228,14 @@ def _config(args) -> None:
         load_config(args.check, _overrides(args)).check()
         print(f"{args.check}: ok")
     else:
-        print("\n".join(explain(ExperimentConfig)))
+        from debias.train.diffusion import DiffusionTrainConfig
+
+        # The diffusion stage sections are free mappings checked against DiffusionTrainConfig: list its keys too.
+        from debias.train.diffusion_stages import SET_BY_RUNNER
+
+        stage = [line for line in explain(DiffusionTrainConfig, "train.diffusion.<stage>.")
+                 if line.split(" ")[0].rsplit(".", 1)[-1] not in SET_BY_RUNNER]  # those `debias train` sets itself
+        print("\n".join([*explain(ExperimentConfig), *stage]))
 
 
 def build_parser() -> argparse.ArgumentParser:
