@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from generators.config import ConfigError, option
+from generators.config import ConfigError, option, to_dict
 
 METHODS = ("sft", "bpo", "sft+bpo", "freq", "sft+freq", "dpo", "sft+dpo")
 # Which methods each kind of generator trains: image-token models (Janus, Emu3) and diffusion pipelines.
@@ -288,3 +288,44 @@ class TrainConfig:
     def stage_options(self, stage: str) -> StageOptions:
         """The options section of a stage name (``sft``, ``bpo``, ``freq``)."""
         return {"sft": self.sft, "bpo": self.bpo, "freq": self.freq}[stage]
+
+
+# TrainConfig keys of the token-model trainers, and the DiffusionTrainConfig key that does the same for diffusion.
+TOKEN_ONLY = {
+    "lora": "rank / alpha / dropout / lora_target", "sft": "train.diffusion.sft", "bpo": "train.diffusion.bpo",
+    "freq": None, "monitor": None, "classifier": None, "classes": None, "attributes": None, "use_weights": None,
+    "batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum", "precision": "mixed_precision",
+    "gradient_checkpointing": None, "optim": None, "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm", "seed": "seed", "min_confidence": "min_confidence", "logging_steps": None,
+    "report_to": None,
+}
+
+
+def check_method(train: TrainConfig, diffusion: bool, backend: str) -> None:
+    """The method and sections fit the kind of generator; keys of the other kind's trainer are refused, not
+    silently ignored.
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    from generators.config import did_you_mean
+
+    methods = DIFFUSION_METHODS if diffusion else TOKEN_METHODS
+    kind = f"a diffusion pipeline (backend '{backend}')" if diffusion else f"an image-token model (backend '{backend}')"
+    if train.method not in methods:
+        fix = "use train.bpo.loss: dpo for DPO on a token model" if train.method.endswith("dpo") else \
+            f"choose one of {list(methods)}{did_you_mean(train.method, methods)}"
+        raise ConfigError(f"config key 'train.method': {train.method!r} does not train {kind}; {fix}")
+    if not diffusion:
+        if to_dict(train.diffusion) != to_dict(type(train.diffusion)()):
+            raise ConfigError(f"config key 'train.diffusion' is for diffusion pipelines; {kind} trains with "
+                              "train.lora / train.sft / train.bpo: remove train.diffusion")
+        return
+    default = to_dict(TrainConfig())
+    given = to_dict(train)
+    for key, instead in TOKEN_ONLY.items():
+        if given[key] != default[key]:
+            where = (f"set {instead} in train.diffusion.shared or train.diffusion.<stage>" if instead and "." not in
+                     instead else f"use {instead}" if instead else "diffusion training has no such setting")
+            raise ConfigError(f"config key 'train.{key}' is for image-token models and {kind} ignores it; remove it "
+                              f"({where})")

@@ -20,28 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from debias.train.config import DIFFUSION_METHODS, TOKEN_METHODS, TrainConfig
+from debias.train.config import TrainConfig, check_method  # noqa: F401 (check_method: re-exported)
 from debias.train.run import StagePlan, _digest, _is_main, _write_json, complete_checkpoint, plan_stage_folders
 from generators.base import GeneratorConfig, directory_hash
 from generators.config import ConfigError, UserError, from_dict, to_dict
-
-# DiffusionTrainConfig keys `debias train` sets itself, and where the user sets what they stand for.
-SET_BY_RUNNER = {
-    "objective": "the stage name (train.method)",
-    "dataset": "train.dataset",
-    "output_dir": "--out or train.output_dir (each stage trains in OUT/<stage>)",
-    "init_adapter": "train.init_adapter (the first stage; later stages continue the previous stage's adapter)",
-}
-# TrainConfig keys of the token-model trainers, and the DiffusionTrainConfig key that does the same for diffusion.
-TOKEN_ONLY = {
-    "lora": "rank / alpha / dropout / lora_target", "sft": "train.diffusion.sft", "bpo": "train.diffusion.bpo",
-    "freq": None, "monitor": None, "classifier": None, "classes": None, "attributes": None, "use_weights": None,
-    "batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum", "precision": "mixed_precision",
-    "gradient_checkpointing": None, "optim": None, "weight_decay": "weight_decay",
-    "max_grad_norm": "max_grad_norm", "seed": "seed", "min_confidence": "min_confidence", "logging_steps": None,
-    "report_to": None,
-}
-
 
 def is_diffusion(generator_config: GeneratorConfig) -> bool:
     """Whether the generator is a diffusers pipeline (backend ``diffusers`` or a subclass of its generator)."""
@@ -50,36 +32,13 @@ def is_diffusion(generator_config: GeneratorConfig) -> bool:
     return is_diffusers_backend(generator_config.backend)
 
 
-def check_method(train: TrainConfig, diffusion: bool, backend: str) -> None:
-    """The method and sections fit the kind of generator; keys of the other kind's trainer are refused, not
-    silently ignored.
-
-    Raises:
-        ConfigError: naming the key and the fix.
-    """
-    from generators.config import did_you_mean
-
-    methods = DIFFUSION_METHODS if diffusion else TOKEN_METHODS
-    kind = f"a diffusion pipeline (backend '{backend}')" if diffusion else f"an image-token model (backend '{backend}')"
-    if train.method not in methods:
-        fix = "use train.bpo.loss: dpo for DPO on a token model" if train.method.endswith("dpo") else \
-            f"choose one of {list(methods)}{did_you_mean(train.method, methods)}"
-        raise ConfigError(f"config key 'train.method': {train.method!r} does not train {kind}; {fix}")
-    if not diffusion:
-        if to_dict(train.diffusion) != to_dict(type(train.diffusion)()):
-            raise ConfigError(f"config key 'train.diffusion' is for diffusion pipelines; {kind} trains with "
-                              "train.lora / train.sft / train.bpo: remove train.diffusion")
-        return
-    default = to_dict(TrainConfig())
-    given = to_dict(train)
-    for key, instead in TOKEN_ONLY.items():
-        if given[key] != default[key]:
-            where = (f"set {instead} in train.diffusion.shared or train.diffusion.<stage>" if instead and "." not in
-                     instead else f"use {instead}" if instead else "diffusion training has no such setting")
-            raise ConfigError(f"config key 'train.{key}' is for image-token models and {kind} ignores it; remove it "
-                              f"({where})")
-
-
+# DiffusionTrainConfig keys `debias train` sets itself, and where the user sets what they stand for.
+SET_BY_RUNNER = {
+    "objective": "the stage name (train.method)",
+    "dataset": "train.dataset",
+    "output_dir": "--out or train.output_dir (each stage trains in OUT/<stage>)",
+    "init_adapter": "train.init_adapter (the first stage; later stages continue the previous stage's adapter)",
+}
 def stage_config(train: TrainConfig, stage: str, init_adapter: str | None = None):
     """The :class:`~debias.train.diffusion.DiffusionTrainConfig` of one stage (shared keys, then the stage's)."""
     from debias.train.diffusion import DiffusionTrainConfig

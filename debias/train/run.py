@@ -124,12 +124,13 @@ def plan_training(train: TrainConfig, generator_config: GeneratorConfig, out_dir
         UserError: naming the config key, the bad value and the fix.
     """
     from debias.train.data import check_tokens, columns, load_balanced_dataset, select_rows
-    from debias.train.diffusion_stages import check_method, is_diffusion
+    from debias.train.config import check_method
+    from debias.train.diffusion import is_diffusers_backend
     from generators.sequence import unwrap
 
-    if is_diffusion(generator_config):
-        raise UserError(f"generator backend '{generator_config.backend}' is a diffusion pipeline: plan it with "
-                        "debias.train.diffusion_stages.plan_diffusion (run_train and `debias train` do)")
+    if is_diffusers_backend(generator_config.backend):
+        raise UserError(f"generator backend '{generator_config.backend}' is a diffusion pipeline: train it with "
+                        "debias.train.diffusion_stages.run_diffusion_stages (what `debias train` runs for it)")
     check_method(train, False, generator_config.backend)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -441,11 +442,4 @@ def run_train(train_config: TrainConfig, generator_config: GeneratorConfig, out_
     Raises:
         UserError: on bad input, before anything is written.
     """
-    from debias.train.diffusion_stages import is_diffusion, run_diffusion_stages
-
-    if is_diffusion(generator_config):  # a diffusion pipeline: its own stages (sft, bpo, dpo), same run folder
-        if classify is not None:
-            raise UserError("run_train: classify= is for the token trainers' freq stage and monitor; diffusion "
-                            "training takes none")
-        return run_diffusion_stages(train_config, generator_config, out_dir)
     return execute(plan_training(train_config, generator_config, out_dir, classify))
