@@ -184,31 +184,33 @@ def test_two_processes_give_the_same_update_as_one(dataset_dir, tmp_path, monkey
 # ------------------------------------------------------------------------------------------------- resume
 
 
-def test_rerun_skips_finished_stages_and_a_stopped_stage_resumes_to_the_same_adapter(dataset_dir, tmp_path):
+def test_rerun_skips_finished_stages_and_a_killed_stage_resumes_to_the_same_adapter(dataset_dir, tmp_path):
     from debias.train.launch import main_train
 
-    data = _experiment(dataset_dir, **{"diffusion.sft.steps": 4, "save_steps": 2})
+    sets = {"diffusion.sft.steps": 5, "save_steps": 2}
+    data = _experiment(dataset_dir, **sets)
     out = tmp_path / "run"
     main_train(data, str(out))
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     main_train(data, str(out))  # both stages finished: nothing is retrained
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps
 
-    # A run stopped after the SFT checkpoint at step 2 (the one the run above wrote) and while writing step 4's.
-    stopped = tmp_path / "stopped"
-    stopped.mkdir()
-    shutil.copytree(out / "sft", stopped / "sft")
-    shutil.rmtree(stopped / "sft" / "adapter")
-    assert sorted(p.name for p in (stopped / "sft").glob("checkpoint-*")) == ["checkpoint-2"]
-    (stopped / "sft" / "checkpoint-4").mkdir()
-    (stopped / "sft" / "checkpoint-4" / "lora.safetensors").write_bytes(b"half")
-    main_train(data, str(stopped))
-    assert not (stopped / "sft" / "checkpoint-4").exists()  # incomplete: removed, not resumed from
+    # The same training killed (as SIGKILL would) while it writes the SFT checkpoint of step 4.
+    killed = tmp_path / "killed"
+    args = ["train", "--config", SMOKE, "--out", str(killed), "--set", f"train.dataset={dataset_dir}",
+            *[x for k, v in sets.items() for x in ("--set", f"{k}={v}")]]
+    done = _cli(*args, env={"DEBIAS_CRASH_AT": "train:checkpoint-4"})
+    assert done.returncode == 137, done.stderr[-2000:]
+    sft = killed / "sft"
+    assert (sft / "checkpoint-2" / "trainer_state.json").is_file() and (sft / "checkpoint-4").is_dir()
+    assert not (sft / "checkpoint-4" / "trainer_state.json").exists() and not (sft / "adapter").exists()
+    main_train(data, str(killed))  # resumes SFT from checkpoint-2, then runs BPO
+    assert not (sft / "checkpoint-4").exists() or (sft / "checkpoint-4" / "trainer_state.json").is_file()
     for stage in ("sft", "bpo"):
-        want, got = _lora(out / stage / "adapter"), _lora(stopped / stage / "adapter")
+        want, got = _lora(out / stage / "adapter"), _lora(killed / stage / "adapter")
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), stage
-    log = [json.loads(line)["step"] for line in (stopped / "sft" / "adapter" / "train_log.jsonl").read_text().splitlines()]
-    assert log == [1, 2, 3, 4]
+    log = [json.loads(line)["step"] for line in (sft / "adapter" / "train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5]
 
     # Another config never overwrites the finished run.
     from generators.config import UserError
