@@ -64,7 +64,14 @@ LoRA (peft) on the UNet attention projections (``to_q, to_k, to_v, to_out.0``) o
 (``q_proj, k_proj, v_proj, out_proj``). The loop runs under ``accelerate.Accelerator`` (gradient accumulation,
 mixed precision, ``accelerate launch`` on one or many processes). The adapter is saved in diffusers' LoRA format, so
 ``pipe.load_lora_weights(adapter_dir)`` (what :class:`generators.diffusers_backend.DiffusersGenerator` does) loads
-it, rank and alpha included.
+it, rank and alpha included. SDXL pipelines train too: the UNet is conditioned as ``StableDiffusionXLPipeline``
+conditions it (both text encoders, pooled embeddings, size/crop ids; :meth:`DiffusionParts.conditioning`) and
+LoRA goes on the UNet or the FIRST text encoder (the second stays frozen).
+
+Every item's noise and timestep come from a generator seeded by (seed, epoch, item) (:func:`item_generators`), so
+N processes with per-process batch B/N compute the update of one process with batch B, and a run resumed from a
+``checkpoint-N`` (``save_steps``, :func:`_save_checkpoint`) ends with the uninterrupted run's adapter. The stage
+runner of ``debias train`` is :mod:`debias.train.diffusion_stages`.
 """
 
 from __future__ import annotations
@@ -375,7 +382,7 @@ class DiffusionParts:
 
     def sample_noise(self, latents: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(eps, t)`` for a batch of latents, drawn from ``generator``, or one generator per item (a list): then an
-        item's draw does not depend on the batch it is in or on the process that trains it (see :func:`item_noise`)."""
+        item's draw does not depend on the batch it is in or on the process that trains it (see :func:`item_generators`)."""
         if isinstance(generator, (list, tuple)):
             T = self.noise_scheduler.config.num_train_timesteps
             t = torch.cat([torch.randint(0, T, (1,), generator=g, device=g.device) for g in generator])
