@@ -25,6 +25,7 @@ EXAMPLES = {
         debias synth --config configs/experiments/lab.yaml --out runs/lab-synth
         debias synth --config configs/experiments/smoke-janus.yaml --out runs/synth --per-cell 4
         debias synth --config configs/experiments/lab.yaml --out runs/s --set synth.attribute=race
+        debias synth --config configs/experiments/train-sd15.yaml --out runs/sd15-synth   # a diffusion pipeline
     """,
     "sweep": """
         debias sweep --config configs/experiments/lab.yaml --out runs/guidance --guidance 1.01 2 4
@@ -47,6 +48,8 @@ EXAMPLES = {
         debias train --config configs/experiments/lab.yaml --out runs/t --set method=sft --set sft.max_steps=50
         debias train --config C --out runs/t --set train.num_processes=2          # re-launches under accelerate
         debias train --config C --out runs/t --set train.accelerate_config=deepspeed-zero2
+        debias train --config configs/experiments/train-sd15.yaml --out runs/sd15-train   # diffusion: sft then bpo
+        debias train --config train-smoke-sd --out runs/sd --set method=sft+dpo --set diffusion.sft.steps=50
     """,
     "demo": """
         debias demo --out runs/demo                      # the README's main job (lab world, CPU, minutes)
@@ -227,7 +230,14 @@ def _config(args) -> None:
         load_config(args.check, _overrides(args)).check()
         print(f"{args.check}: ok")
     else:
-        print("\n".join(explain(ExperimentConfig)))
+        from debias.train.diffusion import DiffusionTrainConfig
+
+        # The diffusion stage sections are free mappings checked against DiffusionTrainConfig: list its keys too.
+        from debias.train.diffusion_stages import SET_BY_RUNNER
+
+        stage = [line for line in explain(DiffusionTrainConfig, "train.diffusion.<stage>.")
+                 if line.split(" ")[0].rsplit(".", 1)[-1] not in SET_BY_RUNNER]  # those `debias train` sets itself
+        print("\n".join([*explain(ExperimentConfig), *stage]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for locate.json / locate.html / locate.md")
     p.add_argument("--audit", default=None, help="an audit run folder, for the partial-alignment table")
 
-    p = command("train", "fine-tune the language model with LoRA (SFT, balanced preference loss, freq) on TRL",
-                _train)
+    p = command("train", "fine-tune the generator with LoRA: an image-token model's language model (SFT, balanced "
+                         "preference loss, freq; TRL) or a diffusion pipeline's UNet / text encoder (SFT, balanced "
+                         "preference loss, Diffusion-DPO; train.diffusion)", _train)
     experiment(p, "experiment YAML with generator: and train: sections",
                "override a config key, e.g. train.sft.max_steps=50; train keys may drop 'train.' (method=sft)")
     p.add_argument("--out", default=None, help="run folder (default: train.output_dir); re-running resumes")

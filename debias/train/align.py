@@ -482,15 +482,26 @@ class AlignObjective:
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= accelerator.num_processes
 
-    def loss(self, prompts: Sequence[str], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """Generate ``align_batch_size`` images per prompt, assign OT targets per prompt, return the loss + stats."""
+    def loss(self, prompts: Sequence[str], generator: torch.Generator | Sequence[torch.Generator],
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Generate ``align_batch_size`` images per prompt, assign OT targets per prompt, return the loss + stats.
+
+        ``generator``: one for the batch, or one per prompt (the trainer's per-item generators, which make a run on
+        N processes and a resumed run draw the same starting noise as one uninterrupted process); the first one also
+        draws a stochastic sampler's step noise.
+        """
         c, pipe, parts, clf = self.config, self.pipe, self.parts, self.classifier
         n = c.align_batch_size
         batch = [p for p in prompts for _ in range(n)]
         unwrap = parts._unwrapped
         device = unwrap(parts.unet).device
-        latents = pipe.prepare_latents(len(batch), pipe.unet.config.in_channels, c.resolution, c.resolution,
-                                       unwrap(parts.text_encoder).dtype, device, generator)
+        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+        shape = (pipe.unet.config.in_channels, c.resolution, c.resolution, unwrap(parts.text_encoder).dtype, device)
+        if len(gens) == 1:
+            latents = pipe.prepare_latents(len(batch), *shape, gens[0])
+        else:
+            latents = torch.cat([pipe.prepare_latents(n, *shape, g) for g in gens])
+        generator = gens[0]
         state = generator.get_state()  # the frozen model's sampler draws the same step noise (stochastic samplers)
         kwargs = dict(negative_prompt=self.negative_prompt)
         grad_steps = c.align_steps or c.align_inference_steps

@@ -9,11 +9,14 @@ cosine, warmup 0.03; BPO beta 1, lr 8e-7, continuing the SFT adapter, no SFT ter
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from generators.config import ConfigError, option
+from generators.config import ConfigError, option, to_dict
 
-METHODS = ("sft", "bpo", "sft+bpo", "freq", "sft+freq")
+METHODS = ("sft", "bpo", "sft+bpo", "freq", "sft+freq", "dpo", "sft+dpo")
+# Which methods each kind of generator trains: image-token models (Janus, Emu3) and diffusion pipelines.
+TOKEN_METHODS = ("sft", "bpo", "sft+bpo", "freq", "sft+freq")
+DIFFUSION_METHODS = ("sft", "bpo", "sft+bpo", "dpo", "sft+dpo")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -154,6 +157,28 @@ class MonitorOptions:
         _positive("train.monitor.images_per_prompt", self.images_per_prompt)
 
 
+_STAGE_HELP = ("keys of DiffusionTrainConfig (debias/train/diffusion.py: lr, steps, batch_size, rank, beta, ...) "
+               "for the {} stage, over train.diffusion.shared")
+
+
+@dataclass
+class DiffusionStages:
+    """The stages of a DIFFUSION pipeline's training (generator backend diffusers or a subclass, e.g. lab-sd).
+
+    Each stage section holds keys of :class:`debias.train.diffusion.DiffusionTrainConfig` (lr, steps, batch_size,
+    rank, beta, ...), laid over ``shared``; ``debias train`` sets ``objective`` (the stage name), ``dataset``
+    (train.dataset), ``output_dir`` (the stage folder) and ``init_adapter`` (train.init_adapter for the first stage,
+    then the previous stage's adapter) itself. Checked when training plans the run, before anything is written.
+    """
+
+    shared: dict[str, Any] = option(
+        default_factory=dict, help="DiffusionTrainConfig keys for every stage (e.g. resolution, lora_target, rank, "
+                                   "alpha, batch_size, mixed_precision, seed); a stage's own keys win")
+    sft: dict[str, Any] = option(default_factory=dict, help=_STAGE_HELP.format("sft (denoising loss)"))
+    bpo: dict[str, Any] = option(default_factory=dict, help=_STAGE_HELP.format("bpo (balanced preference)"))
+    dpo: dict[str, Any] = option(default_factory=dict, help=_STAGE_HELP.format("dpo (Diffusion-DPO, comparison)"))
+
+
 @dataclass
 class TrainConfig:
     """How to fine-tune the generator's language model (LoRA) to remove demographic bias."""
@@ -188,6 +213,9 @@ class TrainConfig:
     bpo: BPOOptions = option(default_factory=BPOOptions, help="stage 2: balanced preference optimisation")
     freq: FreqOptions = option(default_factory=FreqOptions, help="on-policy group-frequency objective")
     monitor: MonitorOptions = option(default_factory=MonitorOptions, help="periodic RD check while training")
+    diffusion: DiffusionStages = option(
+        default_factory=DiffusionStages, help="diffusion pipelines only: the sft / bpo / dpo stage settings (keys of "
+                                              "DiffusionTrainConfig); lora, sft, bpo, freq above are for token models")
     batch_size: int = option(8, help="examples per device per micro-batch (bpo: pairs; freq: sampled images)")
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimiser step")
     precision: Literal["fp32", "bf16", "fp16"] = option(
@@ -260,3 +288,44 @@ class TrainConfig:
     def stage_options(self, stage: str) -> StageOptions:
         """The options section of a stage name (``sft``, ``bpo``, ``freq``)."""
         return {"sft": self.sft, "bpo": self.bpo, "freq": self.freq}[stage]
+
+
+# TrainConfig keys of the token-model trainers, and the DiffusionTrainConfig key that does the same for diffusion.
+TOKEN_ONLY = {
+    "lora": "rank / alpha / dropout / lora_target", "sft": "train.diffusion.sft", "bpo": "train.diffusion.bpo",
+    "freq": None, "monitor": None, "classifier": None, "classes": None, "attributes": None, "use_weights": None,
+    "batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum", "precision": "mixed_precision",
+    "gradient_checkpointing": None, "optim": None, "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm", "seed": "seed", "min_confidence": "min_confidence", "logging_steps": None,
+    "report_to": None,
+}
+
+
+def check_method(train: TrainConfig, diffusion: bool, backend: str) -> None:
+    """The method and sections fit the kind of generator; keys of the other kind's trainer are refused, not
+    silently ignored.
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    from generators.config import did_you_mean
+
+    methods = DIFFUSION_METHODS if diffusion else TOKEN_METHODS
+    kind = f"a diffusion pipeline (backend '{backend}')" if diffusion else f"an image-token model (backend '{backend}')"
+    if train.method not in methods:
+        fix = "use train.bpo.loss: dpo for DPO on a token model" if train.method.endswith("dpo") else \
+            f"choose one of {list(methods)}{did_you_mean(train.method, methods)}"
+        raise ConfigError(f"config key 'train.method': {train.method!r} does not train {kind}; {fix}")
+    if not diffusion:
+        if to_dict(train.diffusion) != to_dict(type(train.diffusion)()):
+            raise ConfigError(f"config key 'train.diffusion' is for diffusion pipelines; {kind} trains with "
+                              "train.lora / train.sft / train.bpo: remove train.diffusion")
+        return
+    default = to_dict(TrainConfig())
+    given = to_dict(train)
+    for key, instead in TOKEN_ONLY.items():
+        if given[key] != default[key]:
+            where = (f"set {instead} in train.diffusion.shared or train.diffusion.<stage>" if instead and "." not in
+                     instead else f"use {instead}" if instead else "diffusion training has no such setting")
+            raise ConfigError(f"config key 'train.{key}' is for image-token models and {kind} ignores it; remove it "
+                              f"({where})")

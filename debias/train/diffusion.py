@@ -69,7 +69,14 @@ LoRA (peft) on the UNet attention projections (``to_q, to_k, to_v, to_out.0``) o
 (``q_proj, k_proj, v_proj, out_proj``). The loop runs under ``accelerate.Accelerator`` (gradient accumulation,
 mixed precision, ``accelerate launch`` on one or many processes). The adapter is saved in diffusers' LoRA format, so
 ``pipe.load_lora_weights(adapter_dir)`` (what :class:`generators.diffusers_backend.DiffusersGenerator` does) loads
-it, rank and alpha included.
+it, rank and alpha included. SDXL pipelines train too: the UNet is conditioned as ``StableDiffusionXLPipeline``
+conditions it (both text encoders, pooled embeddings, size/crop ids; :meth:`DiffusionParts.conditioning`) and
+LoRA goes on the UNet or the FIRST text encoder (the second stays frozen).
+
+Every item's noise and timestep come from a generator seeded by (seed, epoch, item) (:func:`item_generators`), so
+N processes with per-process batch B/N compute the update of one process with batch B, and a run resumed from a
+``checkpoint-N`` (``save_steps``, :func:`_save_checkpoint`) ends with the uninterrupted run's adapter. The stage
+runner of ``debias train`` is :mod:`debias.train.diffusion_stages`.
 """
 
 from __future__ import annotations
@@ -128,6 +135,8 @@ class DiffusionTrainConfig:
     lr_schedule: Literal["constant", "cosine"] = option("constant", help="learning-rate schedule after warmup")
     warmup_ratio: float = option(0.0, help="fraction of the steps with linear warmup")
     weight_decay: float = option(0.0, help="AdamW weight decay (0: parameters only move by their gradients)")
+    adam_epsilon: float = option(1e-8, help="AdamW epsilon (diffusers' training scripts: 1e-8); entries whose "
+                                            "gradient is near it get updates that depend steeply on its rounding")
     max_grad_norm: float = option(1.0, help="gradient clipping norm; 0 disables clipping")
     steps: int = option(100, help="optimizer steps")
     batch_size: int = option(4, help="per process and micro-step: images (sft), pairs (bpo, dpo; 2 images each) or "
@@ -188,6 +197,7 @@ class DiffusionTrainConfig:
             ("lr", self.lr > 0, "a positive number, e.g. 1e-4"),
             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "a number in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("adam_epsilon", self.adam_epsilon > 0, "a positive number, e.g. 1e-8"),
             ("max_grad_norm", self.max_grad_norm >= 0, "a number >= 0 (0 disables clipping)"),
             ("steps", self.steps >= 1, "a positive integer"),
             ("batch_size", self.batch_size >= 1, "a positive integer"),
@@ -320,6 +330,8 @@ class DiffusionParts:
     text_encoder: Any
     tokenizer: Any
     noise_scheduler: Any
+    text_encoder_2: Any = None  # SDXL: the second (frozen) text encoder and its tokenizer
+    tokenizer_2: Any = None
 
     @classmethod
     def from_pipeline(cls, pipe) -> "DiffusionParts":
@@ -327,7 +339,8 @@ class DiffusionParts:
 
         # Training noise follows the pipeline's own schedule (betas, prediction type), as diffusers' scripts do.
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
-                   DDPMScheduler.from_config(pipe.scheduler.config))
+                   DDPMScheduler.from_config(pipe.scheduler.config),
+                   getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))
 
     @staticmethod
     def _unwrapped(module):
@@ -358,6 +371,26 @@ class DiffusionParts:
                              truncation=True, return_tensors="pt")
         return (text_encoder or self.text_encoder)(tok.input_ids.to(device))[0]
 
+    def conditioning(self, prompts: Sequence[str], latents: torch.Tensor, text_encoder=None) -> tuple[Any, dict]:
+        """The UNet's text conditioning: the hidden states (SD), or for SDXL what ``StableDiffusionXLPipeline``
+        passes: the penultimate hidden states of both text encoders concatenated, the second encoder's pooled
+        projection (``text_embeds``) and ``time_ids`` = (original size, crop top-left (0, 0), target size), all at
+        the training resolution."""
+        device = latents.device
+        if self.text_encoder_2 is None:
+            return self.encode_prompts(prompts, device, text_encoder), {}
+        embeds, pooled = [], None
+        for tok, enc in ((self.tokenizer, text_encoder or self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(device)
+            out = enc(ids, output_hidden_states=True)
+            pooled = out[0]  # the last encoder's (CLIPTextModelWithProjection) text_embeds
+            embeds.append(out.hidden_states[-2])
+        hidden = torch.cat(embeds, dim=-1)
+        side = [n * 2 ** (len(self.vae.config.block_out_channels) - 1) for n in latents.shape[-2:]]
+        time_ids = torch.tensor([[*side, 0, 0, *side]], dtype=hidden.dtype, device=device).repeat(len(prompts), 1)
+        return hidden, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
     def denoising_errors(
         self, latents: torch.Tensor, prompts: Sequence[str], noise: torch.Tensor, timesteps: torch.Tensor,
         use_adapter: bool = True,
@@ -376,23 +409,30 @@ class DiffusionParts:
             raise UserError(f"scheduler prediction_type '{sched.config.prediction_type}' is not supported; "
                             "use a pipeline trained for epsilon or v_prediction")
         if use_adapter:
-            hidden = self.encode_prompts(prompts, latents.device)
-            pred = self.unet(noisy, timesteps, hidden).sample
+            hidden, extra = self.conditioning(prompts, latents)
+            pred = self.unet(noisy, timesteps, hidden, **extra).sample
         else:
             modules = self.peft_modules()
             with torch.no_grad():
                 for m in modules:
                     m.disable_adapters()
                 try:
-                    hidden = self.encode_prompts(prompts, latents.device, self._unwrapped(self.text_encoder))
-                    pred = self._unwrapped(self.unet)(noisy, timesteps, hidden).sample
+                    hidden, extra = self.conditioning(prompts, latents, self._unwrapped(self.text_encoder))
+                    pred = self._unwrapped(self.unet)(noisy, timesteps, hidden, **extra).sample
                 finally:
                     for m in modules:
                         m.enable_adapters()
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
-    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(eps, t)`` for a batch of latents, drawn from ``generator``."""
+    def sample_noise(self, latents: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(eps, t)`` for a batch of latents, drawn from ``generator``, or one generator per item (a list): then an
+        item's draw does not depend on the batch it is in or on the process that trains it (see :func:`item_generators`)."""
+        if isinstance(generator, (list, tuple)):
+            T = self.noise_scheduler.config.num_train_timesteps
+            t = torch.cat([torch.randint(0, T, (1,), generator=g, device=g.device) for g in generator])
+            eps = torch.stack([torch.randn(latents.shape[1:], generator=g, device=g.device, dtype=torch.float32)
+                               for g in generator])
+            return eps.to(latents.device, latents.dtype), t.to(latents.device)
         n = latents.shape[0]
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator,
                           device=generator.device).to(latents.device)
@@ -551,15 +591,16 @@ def _resolve_pipeline(source) -> tuple[Any, dict]:
     if isinstance(source, dict):
         source = from_dict(GeneratorConfig, source, prefix="generator")
     if isinstance(source, GeneratorConfig):
-        if source.backend != "diffusers":
-            raise ConfigError(f"config key 'generator.backend': diffusion training needs backend 'diffusers', got "
-                              f"'{source.backend}'; use the Janus trainer for token generators")
+        if not is_diffusers_backend(source.backend):
+            raise ConfigError(f"config key 'generator.backend': diffusion training needs a diffusers pipeline "
+                              f"(backend 'diffusers' or a subclass of it), got '{source.backend}'; use the Janus "
+                              "trainer for token generators")
         if source.adapter:
             raise ConfigError("config key 'generator.adapter': training starts from the base model; move the adapter "
                               "to 'train.init_adapter' to continue training it")
-        from generators.diffusers_backend import DiffusersGenerator
+        from generators.backends import GENERATORS
 
-        pipe = DiffusersGenerator(source).pipeline
+        pipe = GENERATORS.get(source.backend)(source).pipeline
         return pipe, {"model": source.model, "revision": source.revision, "dtype": source.dtype}
     if not all(hasattr(source, a) for a in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
         raise UserError(f"run_diffusion_train: expected a StableDiffusionPipeline or a generator config, got "
@@ -571,9 +612,13 @@ def _resolve_pipeline(source) -> tuple[Any, dict]:
 def _check_pipeline(pipe, config: DiffusionTrainConfig) -> None:
     from diffusers import UNet2DConditionModel
 
-    if getattr(pipe, "text_encoder_2", None) is not None or not isinstance(pipe.unet, UNet2DConditionModel):
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    if (not isinstance(pipe.unet, UNet2DConditionModel) or getattr(pipe, "text_encoder_3", None) is not None
+            or (xl and (getattr(pipe, "tokenizer_2", None) is None
+                        or pipe.unet.config.addition_embed_type != "text_time"))):
         raise UserError(f"run_diffusion_train: {type(pipe).__name__} is not supported; train a Stable Diffusion "
-                        "1.x/2.x-style pipeline (one CLIP text encoder, UNet2DConditionModel)")
+                        "1.x/2.x-style pipeline (one CLIP text encoder, UNet2DConditionModel) or an SDXL one (two "
+                        "text encoders, text_time conditioning)")
     if pipe.text_encoder is None or pipe.tokenizer is None:
         raise UserError("run_diffusion_train: the pipeline has no text encoder/tokenizer; load the full pipeline")
     for name in ("unet", "text_encoder"):
@@ -649,6 +694,9 @@ def run_diffusion_train(
     pipeline_or_generator_config,
     out_dir: str | os.PathLike | None = None,
     classifier=None,
+    save_steps: int = 0,
+    save_total_limit: int = 2,
+    resume_from: str | os.PathLike | None = None,
 ) -> Path:
     """Fine-tune a LoRA adapter on the balanced set and save it where ``pipe.load_lora_weights`` can load it.
 
@@ -665,6 +713,12 @@ def run_diffusion_train(
         out_dir: run folder; defaults to ``config.output_dir``.
         classifier: the audit's :class:`audit.classify.ClipClassifier`; required by objective ``align`` (it is the
             differentiable attribute classifier of the loss, and its identity keys the run), ignored otherwise.
+        save_steps: write a resumable ``OUT_DIR/checkpoint-N`` every N optimizer steps (0: never); see
+            :func:`_save_checkpoint`. Not part of the run's identity (changing it does not retrain).
+        save_total_limit: checkpoints kept (the oldest are removed).
+        resume_from: a ``checkpoint-N`` folder of this run to continue from; the result equals the uninterrupted
+            run's (the LoRA weights, optimizer, scheduler, data position and log are restored; the noise of every
+            item is a function of seed, epoch and item, see :func:`item_generators`).
 
     Returns:
         The adapter folder ``OUT_DIR/adapter`` (``pytorch_lora_weights.safetensors``, ``train_config.json``,
@@ -715,11 +769,13 @@ def run_diffusion_train(
             return adapter_dir
         raise UserError(f"config key 'train.output_dir': '{adapter_dir}' already holds an adapter from another run "
                         "(or from a base model that cannot be identified); pass a new output_dir or delete it")
-    return _train(config, data, pipe, record, out, adapter_dir, force_cpu, classifier, sampling)
+    resume = _read_checkpoint(resume_from, record) if resume_from is not None else None
+    return _train(config, data, pipe, record, out, adapter_dir, force_cpu,
+                  Checkpointing(max(0, int(save_steps)), max(1, int(save_total_limit)), resume), classifier, sampling)
 
 
 def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path, force_cpu: bool,
-           classifier=None, sampling: dict | None = None) -> Path:
+           ckpt: "Checkpointing | None" = None, classifier=None, sampling: dict | None = None) -> Path:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from diffusers.optimization import get_scheduler
@@ -732,8 +788,9 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
     try:
         device = accelerator.device
         target = config.lora_target
-        for name in ("unet", "vae", "text_encoder"):
-            getattr(pipe, name).requires_grad_(False)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).requires_grad_(False)
         if config.init_adapter is not None:
             pipe.load_lora_weights(config.init_adapter, adapter_name=ADAPTER_NAME)
             if ADAPTER_NAME not in (getattr(getattr(pipe, target), "peft_config", None) or {}):
@@ -753,10 +810,12 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
         pipe.vae.to(device).eval()
         pipe.unet.to(device)
         pipe.text_encoder.to(device)
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            pipe.text_encoder_2.to(device).eval()  # SDXL's second encoder: conditioning only, never trained
         model.train()
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_epsilon)
         n_items = len(data.pairs) if data.pairs is not None else len(data.rows)
         loader = torch.utils.data.DataLoader(
             list(range(n_items)), batch_size=config.batch_size, shuffle=True,
@@ -770,7 +829,6 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
         wrapped, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
         parts = DiffusionParts.from_pipeline(pipe)
         setattr(parts, target, wrapped)
-        noise_gen = torch.Generator(device=device).manual_seed(config.seed * 1000 + accelerator.process_index)
         beta, reference = config.effective_beta, config.effective_reference
         if config.objective == "align":  # data.rows index the neutral prompts; batch_size prompts per micro-step
             from debias.train.align import AlignObjective
@@ -778,11 +836,17 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
             objective = AlignObjective(config, pipe, parts, classifier, sampling["guidance_scale"],
                                        sampling["negative_prompt"], (config.seed, accelerator.process_index))
 
+        ckpt = ckpt or Checkpointing()
         logs: list[dict] = []
-        step, acc_stats = 0, []
+        step, acc_stats, epoch, start = 0, [], 0, (0, 0)
+        if ckpt.resume is not None:
+            step, logs, start = _load_checkpoint(ckpt.resume, model, optimizer, lr_scheduler)
         while step < config.steps:
-            for batch in loader:
+            for position, batch in enumerate(loader):
+                if (epoch, position) < start:
+                    continue  # consumed before the checkpoint (iterating keeps the shuffle order of the run)
                 idx = batch.tolist()
+                noise_gen = item_generators(config.seed, epoch, idx)
                 with accelerator.accumulate(wrapped):
                     with accelerator.autocast():
                         if objective is not None:
@@ -815,6 +879,10 @@ def _train(config, data: _Data, pipe, record: dict, out: Path, adapter_dir: Path
                     acc_stats = []
                     if step >= config.steps:
                         break
+                    if ckpt.save_steps and step % ckpt.save_steps == 0:
+                        _save_checkpoint(accelerator, model, optimizer, lr_scheduler, out, step, logs,
+                                         (epoch, position + 1), record, ckpt.save_total_limit)
+            epoch += 1
 
         # Mixed precision patches the instance's forward with autocast; the pipeline must sample as before.
         model = accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
@@ -878,3 +946,107 @@ def _save(pipe, record: dict, logs: list[dict], out: Path, adapter_dir: Path) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backends, per-item noise and resumable checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+def is_diffusers_backend(backend: str) -> bool:
+    """Whether generator backend ``backend`` is a diffusers pipeline (``diffusers`` or a subclass, e.g. ``lab-sd``)."""
+    from generators.backends import GENERATORS
+    from generators.diffusers_backend import DiffusersGenerator
+
+    try:
+        cls = GENERATORS.get(backend)
+    except Exception:  # an unknown name: the generator config check reports it
+        return False
+    return isinstance(cls, type) and issubclass(cls, DiffusersGenerator)
+
+
+def item_generators(seed: int, epoch: int, items: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per training item, seeded by ``(seed, epoch, item)``: the noise and timestep an item gets
+    do not depend on the batch size, the process that trains it or where a run resumed, so a run on N processes
+    (per-process batch / N) computes the same update as on one, and a resumed run the same as an uninterrupted one."""
+    import hashlib
+
+    out = []
+    for k in items:
+        digest = hashlib.sha256(f"{seed}:{epoch}:{int(k)}".encode()).digest()
+        out.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+    return out
+
+
+CHECKPOINT_STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint (as the Trainer's)
+
+
+@dataclass
+class Checkpointing:
+    save_steps: int = 0
+    save_total_limit: int = 2
+    resume: dict | None = None
+
+
+def _read_checkpoint(path, record: dict) -> dict:
+    """The state of checkpoint folder ``path``; it must be complete and come from the same run (config, data,
+    base model)."""
+    path = Path(path)
+    try:
+        state = json.loads((path / CHECKPOINT_STATE).read_text())
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise UserError(f"checkpoint '{path}' is incomplete (no readable {CHECKPOINT_STATE}); pass an earlier "
+                        "checkpoint-N, or none to start over")
+    if not _same_run(state.get("record") or {}, record):
+        raise UserError(f"checkpoint '{path}' was written by another run (config, data or base model differ); "
+                        "pass a checkpoint of this run, or none to start over")
+    return {**state, "path": str(path)}
+
+
+def _save_checkpoint(accelerator, model, optimizer, lr_scheduler, out: Path, step: int, logs: list[dict],
+                     position: tuple[int, int], record: dict, limit: int) -> None:
+    """``OUT/checkpoint-STEP``: the trainable (LoRA) weights (safetensors), the optimizer and scheduler states, and
+    ``trainer_state.json`` (step, data position, log, run record) written LAST, so a kill mid-save leaves a folder
+    that :func:`debias.train.run.last_complete_checkpoint` recognises as incomplete. Weights and optimizer states
+    are identical on every process under DDP, so the main process writes them alone."""
+    from safetensors.torch import save_file
+
+    from audit.store import crash_point
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path = out / f"checkpoint-{step}"
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        save_file({n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(path / "lora.safetensors"))
+        torch.save(optimizer.state_dict(), path / "optimizer.pt")
+        crash_point(f"train:checkpoint-{step}")
+        torch.save(lr_scheduler.state_dict(), path / "scheduler.pt")
+        state = {"global_step": step, "epoch": position[0], "next_batch": position[1], "log_history": logs,
+                 "record": record}
+        (path / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1, sort_keys=True))
+        done = sorted((p for p in out.glob("checkpoint-*") if p.name[11:].isdigit()
+                       and (p / CHECKPOINT_STATE).is_file()), key=lambda p: int(p.name[11:]))
+        for old in done[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(state: dict, model, optimizer, lr_scheduler) -> tuple[int, list[dict], tuple[int, int]]:
+    from safetensors.torch import load_file
+
+    path = Path(state["path"])
+    weights = load_file(str(path / "lora.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if weights.keys() != params.keys():
+        raise UserError(f"checkpoint '{path}' holds other LoRA weights than this run trains; pass a checkpoint of "
+                        "this run, or none to start over")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    return int(state["global_step"]), list(state["log_history"]), (int(state["epoch"]), int(state["next_batch"]))

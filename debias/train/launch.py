@@ -119,21 +119,31 @@ def main_train(data: Mapping[str, Any], out: str | None) -> None:
             processes exit with a user error.
         RuntimeError: when the launched processes fail otherwise.
     """
+    from debias.train.diffusion_stages import is_diffusion, plan_diffusion, run_diffusion_stages
     from debias.train.run import plan_training, run_train
 
     train, generator = train_sections(data)
     out = out or train.output_dir
     if not out:
         raise UserError("no run folder: pass --out or set config key 'train.output_dir'")
+    # The generator's kind picks the trainer: diffusion pipelines (backend diffusers or a subclass, e.g. lab-sd)
+    # train their UNet / text encoder in an accelerate loop, image-token models their language model on TRL.
+    diffusion = is_diffusion(generator)
     distributed = train.num_processes > 1 or train.accelerate_config is not None
     if not distributed or under_launcher():
-        run_train(train, generator, out, classify=build_classifier(train, data))
+        if diffusion:
+            run_diffusion_stages(train, generator, out)
+        else:
+            run_train(train, generator, out, classify=build_classifier(train, data))
         return
 
     # Check here what can be checked without loading the model, so bad input fails before processes start.
     # The classifier is only imported here (each process builds its own); a stand-in marks it as available.
-    factory = _classifier_factory(train) if train.classifier else None
-    plan_training(train, generator, out, classify=factory, load_model=False)
+    if diffusion:
+        plan_diffusion(train, generator, out)
+    else:
+        factory = _classifier_factory(train) if train.classifier else None
+        plan_training(train, generator, out, classify=factory, load_model=False)
     with tempfile.TemporaryDirectory(prefix="debias-train-") as tmp:
         resolved = Path(tmp) / "experiment.json"
         resolved.write_text(json.dumps(dict(data), default=str))

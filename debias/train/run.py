@@ -39,6 +39,7 @@ from generators.config import UserError, to_dict
 _NOT_IN_KEY = {
     "resume", "resume_from_checkpoint", "logging_steps", "report_to", "save_steps", "save_total_limit",
     "num_processes", "accelerate_config", "output_dir", "monitor", "classifier", "sft", "bpo", "freq", "method",
+    "diffusion",
 }
 
 
@@ -123,8 +124,14 @@ def plan_training(train: TrainConfig, generator_config: GeneratorConfig, out_dir
         UserError: naming the config key, the bad value and the fix.
     """
     from debias.train.data import check_tokens, columns, load_balanced_dataset, select_rows
+    from debias.train.config import check_method
+    from debias.train.diffusion import is_diffusers_backend
     from generators.sequence import unwrap
 
+    if is_diffusers_backend(generator_config.backend):
+        raise UserError(f"generator backend '{generator_config.backend}' is a diffusion pipeline: train it with "
+                        "debias.train.diffusion_stages.run_diffusion_stages (what `debias train` runs for it)")
+    check_method(train, False, generator_config.backend)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out '{out_dir}' is a file; pass a folder for the training run")
@@ -195,8 +202,6 @@ def plan_training(train: TrainConfig, generator_config: GeneratorConfig, out_dir
 
 
 def _plan_stages(plan: TrainPlan) -> list[StagePlan]:
-    from audit.store import read_json
-
     train = plan.train
     base = {k: v for k, v in to_dict(train).items() if k not in _NOT_IN_KEY}
     gen = plan.generator_config
@@ -205,40 +210,54 @@ def _plan_stages(plan: TrainPlan) -> list[StagePlan]:
         str(Path(train.dataset).resolve()) if train.dataset else None,
         directory_hash(plan.init_adapter) if plan.init_adapter else None,
     )
-    stages, explicit = [], train.resume_from_checkpoint
+    keys = []
     for name in train.stages:
-        key = _digest(previous, name, to_dict(train.stage_options(name)))
-        folder = plan.out_dir / name
+        previous = _digest(previous, name, to_dict(train.stage_options(name)))
+        keys.append((name, previous))
+    return plan_stage_folders(plan.out_dir, keys, train.resume, train.resume_from_checkpoint,
+                              lambda folder: (folder / "adapter" / "adapter_config.json").is_file())
+
+
+def plan_stage_folders(out_dir: Path, keys: list[tuple[str, str]], resume: bool, explicit: str | None,
+                       finished) -> list[StagePlan]:
+    """The stage folders ``out_dir/<stage>`` of a run, each keyed by what it is trained from (``keys``: stage name
+    and key, in order): a finished stage (``finished(folder)``) is skipped, an unfinished one resumes from
+    ``explicit`` (the first unfinished one only) or its latest complete checkpoint; a folder made from another key
+    is an error, never overwritten. Shared by the Janus and the diffusion trainers."""
+    from audit.store import read_json
+
+    stages = []
+    for name, key in keys:
+        folder = out_dir / name
         stage = StagePlan(name=name, folder=folder, key=key)
         stamp = folder / "stage.json"
         if stamp.is_file():
             saved = read_json(stamp)
             recorded = saved.get("key") if isinstance(saved, dict) else None
             if recorded is None:
-                raise UserError(f"--out '{plan.out_dir}': '{stamp}' is unreadable, so what stage '{name}' was trained "
+                raise UserError(f"--out '{out_dir}': '{stamp}' is unreadable, so what stage '{name}' was trained "
                                 f"from is unknown; delete '{folder}' to retrain it, or pass a new --out")
             if recorded != key:
                 raise UserError(
-                    f"--out '{plan.out_dir}': stage '{name}' there was trained from a different config or data "
+                    f"--out '{out_dir}': stage '{name}' there was trained from a different config or data "
                     f"(key {recorded} != {key}); pass a new --out, or delete '{folder}' to retrain it"
                 )
         # Only trained outputs count (checkpoints, the adapter): under several processes the main one may already
         # have written stage.json while the others are still planning.
         trained = folder.is_dir() and any(p.name.startswith("checkpoint-") or p.name == "adapter"
                                           for p in folder.iterdir())
-        if trained and not train.resume:
+        if trained and not resume:
             raise UserError(
-                f"--out '{plan.out_dir}': stage '{name}' already has outputs and config key 'train.resume' is false; "
+                f"--out '{out_dir}': stage '{name}' already has outputs and config key 'train.resume' is false; "
                 "pass a new --out or set train.resume: true"
             )
-        if (folder / "adapter" / "adapter_config.json").is_file():
+        if finished(folder):
             stage.skip = True
         elif explicit:
             stage.resume_from, explicit = explicit, None
         elif folder.is_dir():
             stage.resume_from = last_complete_checkpoint(folder, name)
         stages.append(stage)
-        previous = key
     return stages
 
 
