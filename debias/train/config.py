@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from generators.config import ConfigError, option, to_dict
 
-METHODS = ("sft", "bpo", "sft+bpo", "freq", "sft+freq", "dpo", "sft+dpo")
+METHODS = ("sft", "bpo", "sft+bpo", "freq", "sft+freq", "dpo", "sft+dpo", "align", "sft+align")
 # Which methods each kind of generator trains: image-token models (Janus, Emu3) and diffusion pipelines.
 TOKEN_METHODS = ("sft", "bpo", "sft+bpo", "freq", "sft+freq")
-DIFFUSION_METHODS = ("sft", "bpo", "sft+bpo", "dpo", "sft+dpo")
+DIFFUSION_METHODS = ("sft", "bpo", "sft+bpo", "dpo", "sft+dpo", "align", "sft+align")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -177,6 +177,9 @@ class DiffusionStages:
     sft: dict[str, Any] = option(default_factory=dict, help=_STAGE_HELP.format("sft (denoising loss)"))
     bpo: dict[str, Any] = option(default_factory=dict, help=_STAGE_HELP.format("bpo (balanced preference)"))
     dpo: dict[str, Any] = option(default_factory=dict, help=_STAGE_HELP.format("dpo (Diffusion-DPO, comparison)"))
+    align: dict[str, Any] = option(
+        default_factory=dict, help=_STAGE_HELP.format("align (distributional alignment, Shen et al. 2024; it uses "
+                                                      "the experiment's classifier section as its classifier)"))
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""``debias train`` for diffusion pipelines: the stages of ``train.method`` (sft, bpo, dpo), each a stage folder.
+"""``debias train`` for diffusion pipelines: the stages of ``train.method`` (sft, bpo, dpo, align), each a stage
+folder.
 
 The run folder follows :mod:`debias.train.run` (the Janus path): ``train_config.yaml``, ``<stage>/stage.json`` with
 the stage's key (over the stage's settings, the data, the base model and the previous stage), ``<stage>/adapter``
@@ -10,6 +11,8 @@ runs this and the accelerate loop splits the batches (:func:`debias.train.launch
 
 Each stage's settings are a :class:`~debias.train.diffusion.DiffusionTrainConfig` built from
 ``train.diffusion.shared`` overlaid with ``train.diffusion.<stage>``; ``sft+bpo`` continues the SFT adapter in BPO.
+The ``align`` stage (distributional alignment, :mod:`debias.train.align`) samples from the pipeline and needs the
+audit's classifier; its identity is part of the stage key.
 """
 
 from __future__ import annotations
@@ -82,10 +85,14 @@ class DiffusionPlan:
     init_adapter: str | None
     configs: dict[str, Any] = field(default_factory=dict)
     stages: list[StagePlan] = field(default_factory=list)
+    classifier: Any = None
 
 
-def plan_diffusion(train: TrainConfig, generator_config: GeneratorConfig, out_dir: str | Path) -> DiffusionPlan:
+def plan_diffusion(train: TrainConfig, generator_config: GeneratorConfig, out_dir: str | Path,
+                   classifier=None) -> DiffusionPlan:
     """Check the train section, the generator, the data of every stage and the run folder; write nothing.
+
+    ``classifier``: the audit's :class:`audit.classify.ClipClassifier`, required by the ``align`` stage.
 
     Raises:
         UserError: naming the config key, the bad value and the fix.
@@ -110,11 +117,22 @@ def plan_diffusion(train: TrainConfig, generator_config: GeneratorConfig, out_di
         raise UserError(f"config key 'train.resume_from_checkpoint': '{train.resume_from_checkpoint}' is not a "
                         "complete checkpoint (no readable trainer_state.json); pass a <stage>/checkpoint-N folder of "
                         "an earlier run, or leave it unset")
-    plan = DiffusionPlan(train=train, generator_config=generator_config, out_dir=out_dir, init_adapter=init_adapter)
-    for name in ("sft", "bpo", "dpo"):  # unused sections are checked too: a typo there fails now, not later
+    plan = DiffusionPlan(train=train, generator_config=generator_config, out_dir=out_dir, init_adapter=init_adapter,
+                         classifier=classifier)
+    for name in ("sft", "bpo", "dpo", "align"):  # unused sections are checked too: a typo there fails now, not later
         if name in train.stages or getattr(train.diffusion, name):
             plan.configs[name] = stage_config(train, name, init_adapter)
+    if "align" in train.stages:
+        from debias.train.align import check_classifier, load_prompts
+
+        try:
+            check_classifier(plan.configs["align"], classifier)
+            load_prompts(plan.configs["align"])
+        except UserError as err:
+            raise in_section(err, train, "align") from None
     for name in train.stages:
+        if name == "align":
+            continue  # samples on-policy: only the data set's prompts are read (above)
         try:
             _load_data(plan.configs[name])  # columns, confidence filter, pairs, preferred group
         except UserError as err:
@@ -127,6 +145,8 @@ def plan_diffusion(train: TrainConfig, generator_config: GeneratorConfig, out_di
     for name in train.stages:
         settings = {k: v for k, v in to_dict(plan.configs[name]).items()
                     if k not in ("dataset", "output_dir", "init_adapter")}
+        if name == "align":
+            settings["classifier"] = classifier.identity()
         previous = _digest(previous, "diffusion", name, settings)
         keys.append((name, previous))
     plan.stages = plan_stage_folders(out_dir, keys, train.resume, train.resume_from_checkpoint,
@@ -164,7 +184,8 @@ def execute_diffusion(plan: DiffusionPlan) -> Path:
             stage.folder.mkdir(parents=True, exist_ok=True)
             _write_json(stage.folder / "stage.json", {"stage": stage.name, "key": stage.key, "init_adapter": adapter})
         adapter = str(run_diffusion_train(config, generator, stage.folder, save_steps=train.save_steps,
-                                          save_total_limit=train.save_total_limit, resume_from=stage.resume_from))
+                                          save_total_limit=train.save_total_limit, resume_from=stage.resume_from,
+                                          classifier=plan.classifier if stage.name == "align" else None))
         gc.collect()
         memory[stage.name] = peak.stop()
         if _is_main():
@@ -175,8 +196,11 @@ def execute_diffusion(plan: DiffusionPlan) -> Path:
     return Path(adapter)
 
 
-def run_diffusion_stages(train: TrainConfig, generator_config: GeneratorConfig, out_dir: str | Path) -> Path:
+def run_diffusion_stages(train: TrainConfig, generator_config: GeneratorConfig, out_dir: str | Path,
+                         classifier=None) -> Path:
     """Train a diffusion pipeline as ``train.method`` says (the diffusion side of :func:`debias.train.run.run_train`).
+
+    ``classifier``: the audit's :class:`audit.classify.ClipClassifier`, required by the ``align`` stage.
 
     Returns:
         The final adapter folder (diffusers LoRA format; load it with ``generator.adapter`` or
@@ -185,4 +209,4 @@ def run_diffusion_stages(train: TrainConfig, generator_config: GeneratorConfig, 
     Raises:
         UserError: on bad input, before anything is written.
     """
-    return execute_diffusion(plan_diffusion(train, generator_config, out_dir))
+    return execute_diffusion(plan_diffusion(train, generator_config, out_dir, classifier))

@@ -42,6 +42,13 @@ def train_sections(data: Mapping[str, Any]) -> tuple[TrainConfig, GeneratorConfi
             from_dict(GeneratorConfig, data["generator"], prefix="generator"))
 
 
+def _audit_classifier(data: Mapping[str, Any]):
+    """The experiment's ``classifier:`` section as the audit builds it."""
+    from audit.classify import ClassifierConfig, ClipClassifier
+
+    return ClipClassifier(from_dict(ClassifierConfig, data.get("classifier") or {}, prefix="classifier"))
+
+
 def resolve_accelerate_config(name: str) -> Path:
     """A named config of ``configs/accelerate`` (``multi-gpu-ddp``) or a YAML path."""
     path = Path(name)
@@ -129,10 +136,12 @@ def main_train(data: Mapping[str, Any], out: str | None) -> None:
     # The generator's kind picks the trainer: diffusion pipelines (backend diffusers or a subclass, e.g. lab-sd)
     # train their UNet / text encoder in an accelerate loop, image-token models their language model on TRL.
     diffusion = is_diffusion(generator)
+    # The alignment stage classifies its samples with the experiment's (audit's) classifier.
+    align_classifier = _audit_classifier(data) if diffusion and "align" in train.stages else None
     distributed = train.num_processes > 1 or train.accelerate_config is not None
     if not distributed or under_launcher():
         if diffusion:
-            run_diffusion_stages(train, generator, out)
+            run_diffusion_stages(train, generator, out, align_classifier)
         else:
             run_train(train, generator, out, classify=build_classifier(train, data))
         return
@@ -140,7 +149,7 @@ def main_train(data: Mapping[str, Any], out: str | None) -> None:
     # Check here what can be checked without loading the model, so bad input fails before processes start.
     # The classifier is only imported here (each process builds its own); a stand-in marks it as available.
     if diffusion:
-        plan_diffusion(train, generator, out)
+        plan_diffusion(train, generator, out, align_classifier)
     else:
         factory = _classifier_factory(train) if train.classifier else None
         plan_training(train, generator, out, classify=factory, load_model=False)
