@@ -55,6 +55,8 @@ from debias.lab.world import (
 from generators.config import UserError, to_dict
 from generators.lab.render import GENDERS, OCCUPATIONS, RACES
 
+WORLDS = ("janus", "diffusion")  # --world: the Janus world (default) or the diffusion world (debias.lab.train_sd)
+
 
 def build(out: str | Path, cfg: WorldConfig, quick: bool = False, overwrite: bool = False,
           log=print) -> dict:
@@ -157,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``--out DIR --verify-only``."""
     ap = argparse.ArgumentParser(prog="python -m debias.lab.build", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder (e.g. generators/lab/weights)")
+    ap.add_argument("--world", default="janus",
+                    help=f"which world to build: {' or '.join(WORLDS)} (default janus). diffusion writes DIR/sd (a tiny "
+                         "StableDiffusionPipeline) beside DIR/janus and DIR/clip, reusing DIR/clip when present")
     ap.add_argument("--quick", action="store_true", help="reduced world for CI (well under a minute)")
     ap.add_argument("--config", default=None, help=f"world config (default {DEFAULT_CONFIG})")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -167,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="torch CPU threads (0: torch's default). On a shared, busy machine 1 is much faster than 2: "
                          "busy-waiting worker threads lose their time slices")
     args = ap.parse_args(argv)
+    if args.world not in WORLDS:
+        print(f"error: --world must be one of {', '.join(WORLDS)}, got {args.world!r}", file=sys.stderr)
+        return 2
     if args.threads < 0:
         print(f"error: --threads must be >= 0, got {args.threads}", file=sys.stderr)
         return 2
@@ -182,7 +190,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True)
 
     try:
-        if args.verify_only:
+        if args.world == "diffusion":
+            from debias.lab.train_sd import build_sd, reverify_sd
+
+            if args.verify_only:
+                reverify_sd(args.out, log=log)
+            else:
+                build_sd(args.out, load_world_config(args.config, quick=args.quick), quick=args.quick,
+                         overwrite=args.overwrite, log=log)
+        elif args.verify_only:
             reverify(args.out, log=log)
         else:
             cfg = load_world_config(args.config, quick=args.quick)
