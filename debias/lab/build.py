@@ -1,6 +1,7 @@
 """Builder of the lab world: trains a tiny Janus and a tiny CLIP on rendered people with a planted skew.
 
-Run ``python -m debias.lab.build --out DIR [--quick] [--config configs/lab/world.yaml] [--overwrite] [--threads N]``.
+Run ``python -m debias.lab.build --out DIR [--world janus|diffusion] [--quick] [--config configs/lab/world.yaml]
+[--overwrite] [--threads N]`` (also ``debias lab build``).
 The shipped world is ``generators/lab/weights`` (:data:`generators.lab.WEIGHTS`), built with
 ``--out generators/lab/weights --threads 2`` on an idle 2-core machine in ~12 min; ``--quick`` builds a reduced world
 in ~30 s for CI. On a shared, busy machine pass ``--threads 1``: two busy-waiting torch threads then run several times
@@ -29,6 +30,22 @@ Stages (all seeded from ``seed`` in the config), one module each:
 5. **Verification** (:mod:`debias.lab.verify`), with the audit's own sampler and classifier.
 
 The world's schema, captions and tokenizers are in :mod:`debias.lab.world`.
+
+**The diffusion world** (``--world diffusion``, :mod:`debias.lab.train_sd`): a tiny ``StableDiffusionPipeline``
+(AutoencoderKL trained on the renders, UNet2DConditionModel, the lab CLIP's frozen text tower and tokenizer, an
+Euler-ancestral sampler) trained on the same renders and caption mix, sampled by the registry backend ``lab-sd``
+(``configs/generators/lab-sd.yaml``, audited with ``configs/experiments/lab-sd.yaml``). It writes only::
+
+    DIR/sd/              the pipeline (save_pretrained, safetensors) + DIR/sd/world.yaml (its resolved config)
+    DIR/sd/build_info.json  VAE/UNet losses, phase times, and the verification with the audit's own sampler and
+                         classifier: per-occupation female share and race shares vs planted (within 0.1, Wilson
+                         interval covers), explicit-prompt adherence, at the guidance and steps of lab-sd.yaml
+
+It reuses ``DIR/clip`` (and that world's zero-shot templates) when present, so the shipped world's Janus files and
+``DIR/build_info.json`` are untouched; in an empty ``DIR`` it trains the CLIP first (on renders and VAE
+reconstructions) and writes ``DIR/clip`` and ``DIR/world.yaml`` too. ``--verify-only --world diffusion`` re-runs
+only its verification. The shipped one was built with ``--world diffusion --out generators/lab/weights --threads 1``;
+``--quick`` builds a reduced one for CI in well under a minute.
 """
 
 from __future__ import annotations
