@@ -161,7 +161,8 @@ def test_fresh_sample_of_the_shipped_world_agrees_with_the_planted_shares(shippe
     from transformers import CLIPModel, CLIPProcessor
 
     cfg = load_world_config(SD / "world.yaml")
-    clip, processor = CLIPModel.from_pretrained(WEIGHTS / "clip").eval(), CLIPProcessor.from_pretrained(WEIGHTS / "clip")
+    clip = CLIPModel.from_pretrained(WEIGHTS / "clip").eval()
+    processor = CLIPProcessor.from_pretrained(WEIGHTS / "clip")
     classifier = sd_classifier(cfg, clip, processor)
     n, seeds = 64, list(range(50_000, 50_064))
     for occupation in ("nurse", "engineer"):

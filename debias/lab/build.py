@@ -177,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m debias.lab.build", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder (e.g. generators/lab/weights)")
     ap.add_argument("--world", default="janus",
-                    help=f"which world to build: {' or '.join(WORLDS)} (default janus). diffusion writes DIR/sd (a tiny "
-                         "StableDiffusionPipeline) beside DIR/janus and DIR/clip, reusing DIR/clip when present")
+                    help=f"which world to build: {' or '.join(WORLDS)} (default janus). diffusion writes DIR/sd (a "
+                         "tiny StableDiffusionPipeline) beside DIR/janus and DIR/clip, reusing DIR/clip when present")
     ap.add_argument("--quick", action="store_true", help="reduced world for CI (well under a minute)")
     ap.add_argument("--config", default=None, help=f"world config (default {DEFAULT_CONFIG})")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")

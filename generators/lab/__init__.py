@@ -5,8 +5,8 @@
 * :mod:`generators.lab.generator` is the registry backend ``lab``: the world's tiny Janus.
 * :mod:`generators.lab.diffusion` is the registry backend ``lab-sd``: the diffusion world's tiny Stable Diffusion.
 * ``weights/`` holds what :mod:`debias.lab.build` trained from ``configs/lab/world.yaml``: ``janus/``, ``clip/`` (the
-  world's classifier, ``classifier.model: lab``), ``sd/`` (the diffusion world's pipeline, with its own ``build_info.json`` and
-  ``world.yaml``), ``world.yaml`` (the planted skew) and ``build_info.json``.
+  world's classifier, ``classifier.model: lab``), ``sd/`` (the diffusion world's pipeline, with its own
+  ``build_info.json`` and ``world.yaml``), ``world.yaml`` (the planted skew) and ``build_info.json``.
 
 The planted skew is the ground truth an audit must recover and a fix must remove.
 """
