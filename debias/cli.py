@@ -60,6 +60,9 @@ EXAMPLES = {
     "lab": """
         debias lab build --out generators/lab/weights         # rebuild the shipped world (~10 min on 2 cores)
         debias lab build --out /tmp/world --quick          # a reduced world in about a minute
+        debias lab build --world diffusion --out generators/lab/weights   # the diffusion world into weights/sd
+        debias lab build --world diffusion --out /tmp/world --quick       # reduced; builds the CLIP first if absent
+        debias audit --config configs/experiments/lab-sd.yaml --out runs/lab-sd  # audit the diffusion world
     """,
     "methods": """
         debias methods --out runs/methods                 # SFT, SFT+BPO, BPO, freq on the lab world, one table
@@ -191,7 +194,7 @@ def _lab_build(args) -> int:
     from debias.lab.build import main as build_main
 
     # The builder prints its own one-line error; its exit code is the command's.
-    return build_main(["--out", args.out, *(["--quick"] if args.quick else [])])
+    return build_main(["--out", args.out, "--world", args.world, *(["--quick"] if args.quick else [])])
 
 
 def _methods(args) -> None:
@@ -336,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["build"], help="what to do")
     p.add_argument("--out", required=True, help="folder for the world's weights")
     p.add_argument("--quick", action="store_true", help="a reduced world in about a minute (CI check)")
+    # Checked by the builder, so `debias lab build` and `python -m debias.lab.build` give the same one-line error.
+    p.add_argument("--world", default="janus", help="janus (default: the tiny Janus world) or diffusion (a tiny "
+                                                    "Stable Diffusion pipeline into DIR/sd, reusing DIR/clip)")
 
     p = command("methods", "compare every fix method on a lab world in one table", _methods)
     p.add_argument("--out", required=True, help="folder; one sub-folder per method")

@@ -13,6 +13,7 @@ GENERATORS.add_lazy("janus", "generators.janus:JanusGenerator")
 GENERATORS.add_lazy("emu3", "generators.emu3:Emu3Generator")
 GENERATORS.add_lazy("diffusers", "generators.diffusers_backend:DiffusersGenerator")
 GENERATORS.add_lazy("lab", "generators.lab.generator:LabGenerator")
+GENERATORS.add_lazy("lab-sd", "generators.lab.diffusion:LabDiffusionGenerator")
 
 
 def check_generator_config(config: GeneratorConfig) -> Any:

@@ -1,6 +1,7 @@
 """Builder of the lab world: trains a tiny Janus and a tiny CLIP on rendered people with a planted skew.
 
-Run ``python -m debias.lab.build --out DIR [--quick] [--config configs/lab/world.yaml] [--overwrite] [--threads N]``.
+Run ``python -m debias.lab.build --out DIR [--world janus|diffusion] [--quick] [--config configs/lab/world.yaml]
+[--overwrite] [--threads N]`` (also ``debias lab build``).
 The shipped world is ``generators/lab/weights`` (:data:`generators.lab.WEIGHTS`), built with
 ``--out generators/lab/weights --threads 2`` on an idle 2-core machine in ~12 min; ``--quick`` builds a reduced world
 in ~30 s for CI. On a shared, busy machine pass ``--threads 1``: two busy-waiting torch threads then run several times
@@ -29,6 +30,22 @@ Stages (all seeded from ``seed`` in the config), one module each:
 5. **Verification** (:mod:`debias.lab.verify`), with the audit's own sampler and classifier.
 
 The world's schema, captions and tokenizers are in :mod:`debias.lab.world`.
+
+**The diffusion world** (``--world diffusion``, :mod:`debias.lab.train_sd`): a tiny ``StableDiffusionPipeline``
+(AutoencoderKL trained on the renders, UNet2DConditionModel, the lab CLIP's frozen text tower and tokenizer, an
+Euler-ancestral sampler) trained on the same renders and caption mix, sampled by the registry backend ``lab-sd``
+(``configs/generators/lab-sd.yaml``, audited with ``configs/experiments/lab-sd.yaml``). It writes only::
+
+    DIR/sd/              the pipeline (save_pretrained, safetensors) + DIR/sd/world.yaml (its resolved config)
+    DIR/sd/build_info.json  VAE/UNet losses, phase times, and the verification with the audit's own sampler and
+                         classifier: per-occupation female share and race shares vs planted (within 0.1, Wilson
+                         interval covers), explicit-prompt adherence, at the guidance and steps of lab-sd.yaml
+
+It reuses ``DIR/clip`` (and that world's zero-shot templates) when present, so the shipped world's Janus files and
+``DIR/build_info.json`` are untouched; in an empty ``DIR`` it trains the CLIP first (on renders and VAE
+reconstructions) and writes ``DIR/clip`` and ``DIR/world.yaml`` too. ``--verify-only --world diffusion`` re-runs
+only its verification. The shipped one was built with ``--world diffusion --out generators/lab/weights --threads 1``;
+``--quick`` builds a reduced one for CI in well under a minute.
 """
 
 from __future__ import annotations
@@ -54,6 +71,8 @@ from debias.lab.world import (
 )
 from generators.config import UserError, to_dict
 from generators.lab.render import GENDERS, OCCUPATIONS, RACES
+
+WORLDS = ("janus", "diffusion")  # --world: the Janus world (default) or the diffusion world (debias.lab.train_sd)
 
 
 def build(out: str | Path, cfg: WorldConfig, quick: bool = False, overwrite: bool = False,
@@ -157,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``--out DIR --verify-only``."""
     ap = argparse.ArgumentParser(prog="python -m debias.lab.build", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output folder (e.g. generators/lab/weights)")
+    ap.add_argument("--world", default="janus",
+                    help=f"which world to build: {' or '.join(WORLDS)} (default janus). diffusion writes DIR/sd (a "
+                         "tiny StableDiffusionPipeline) beside DIR/janus and DIR/clip, reusing DIR/clip when present")
     ap.add_argument("--quick", action="store_true", help="reduced world for CI (well under a minute)")
     ap.add_argument("--config", default=None, help=f"world config (default {DEFAULT_CONFIG})")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -167,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="torch CPU threads (0: torch's default). On a shared, busy machine 1 is much faster than 2: "
                          "busy-waiting worker threads lose their time slices")
     args = ap.parse_args(argv)
+    if args.world not in WORLDS:
+        print(f"error: --world must be one of {', '.join(WORLDS)}, got {args.world!r}", file=sys.stderr)
+        return 2
     if args.threads < 0:
         print(f"error: --threads must be >= 0, got {args.threads}", file=sys.stderr)
         return 2
@@ -182,7 +207,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True)
 
     try:
-        if args.verify_only:
+        if args.world == "diffusion":
+            from debias.lab.train_sd import build_sd, reverify_sd
+
+            if args.verify_only:
+                reverify_sd(args.out, log=log)
+            else:
+                build_sd(args.out, load_world_config(args.config, quick=args.quick), quick=args.quick,
+                         overwrite=args.overwrite, log=log)
+        elif args.verify_only:
             reverify(args.out, log=log)
         else:
             cfg = load_world_config(args.config, quick=args.quick)

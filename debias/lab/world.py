@@ -173,6 +173,43 @@ class VerifySpec:
 
 
 @dataclass
+class DiffusionSpec:
+    """The diffusion lab world (``--world diffusion``): a tiny Stable Diffusion pipeline and its training."""
+
+    vae_channels: list[int] = option(default_factory=lambda: [16, 32, 32],
+                                     help="AutoencoderKL block widths; 3 levels map 32 px to 8x8 latents")
+    latent_channels: int = option(4, help="VAE latent channels (SD's 4)")
+    vae_steps: int = option(300, help="VAE training steps")
+    vae_batch_size: int = option(32, help="renders per VAE step")
+    vae_lr: float = option(2e-3, help="VAE Adam learning rate (cosine decay)")
+    vae_kl: float = option(1e-4, help="KL weight of the VAE loss (small: a sharp decoder; non-zero: a smooth latent)")
+    pool_per_cell: int = option(64, help="renders encoded per (occupation, gender, race) cell for UNet training")
+    unet_channels: list[int] = option(default_factory=lambda: [32, 64], help="UNet block widths (8x8 -> 4x4)")
+    attention_head_dim: int = option(8, help="UNet attention head size")
+    steps: int = option(1200, help="UNet training steps")
+    batch_size: int = option(64, help="(caption, latent) rows per UNet step")
+    lr: float = option(1e-3, help="UNet AdamW peak learning rate (linear warmup, cosine decay)")
+    warmup: int = option(50, help="UNet warmup steps")
+    ema: float = option(0.995, help="EMA decay of the UNet weights that are saved (0: no EMA)")
+    train_timesteps: int = option(1000, help="DDPM training timesteps")
+    beta_schedule: str = option("linear", help="DDPM beta schedule (diffusers name)")
+    sampler: str = option("EulerAncestralDiscreteScheduler",
+                          help="diffusers scheduler class saved in the pipeline for sampling (from the DDPM config)")
+    verify_steps: int | None = option(None, help="denoising steps of the build's verification (None: those of "
+                                                 "configs/generators/lab-sd.yaml; --quick uses fewer)")
+
+    def __post_init__(self):
+        if len(self.vae_channels) != 3 or any(c % 16 for c in self.vae_channels):
+            raise ConfigError("config key 'diffusion.vae_channels': give 3 widths (32 px -> 8x8 latents), each a "
+                              f"multiple of 16 (GroupNorm 16), got {self.vae_channels}")
+        if len(self.unet_channels) < 1 or any(c % 16 for c in self.unet_channels):
+            raise ConfigError(f"config key 'diffusion.unet_channels': widths must be multiples of 16 (GroupNorm 16), "
+                              f"got {self.unet_channels}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"config key 'diffusion.ema': must be in [0, 1), got {self.ema}")
+
+
+@dataclass
 class WorldConfig:
     """Everything that defines the lab world (configs/lab/world.yaml)."""
 
@@ -185,6 +222,7 @@ class WorldConfig:
     clip: ClipSpec = option(default_factory=ClipSpec, help="CLIP classifier")
     classifier: dict[str, ClassifierSpec] = option(default_factory=dict, help="zero-shot classification per attribute")
     verify: VerifySpec = option(default_factory=VerifySpec, help="verification")
+    diffusion: DiffusionSpec = option(default_factory=DiffusionSpec, help="the diffusion world (--world diffusion)")
     quick: dict[str, Any] = option(default_factory=dict, help="overrides applied by --quick (deep-merged)")
 
     def __post_init__(self):
