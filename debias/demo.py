@@ -33,7 +33,7 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEMO_CONFIG = configs_dir() / "experiments" / "lab.yaml"
 # world name -> its experiment config; ``debias demo --world`` and ``debias methods --world`` take these names.
 WORLDS = {"janus": DEMO_CONFIG, "diffusion": configs_dir() / "experiments" / "lab-sd.yaml"}
-LOCATE_WORLDS = {"janus"}  # worlds whose generator is a unified model the locate probes can read
+UNIFIED_WORLDS = {"janus"}  # unified-model worlds: the locate probes read them; the builder measured their own shares
 EXPLICIT_IMAGES = 16  # per explicit prompt (8 occupations x 6 variants): adherence to a few points
 SWAP_IMAGES = 64  # per prompt and cell of the 2x2 component swap
 
@@ -129,17 +129,16 @@ def run_demo(out: str | Path, config_path: str | Path | None = None, progress: b
     from debias.locate.run import check_locate, run_locate
     from debias.share import write_model_card
     from debias.synth import check_synth, run_synth
-    from debias.train.run import run_train
     from generators.backends import load_generator
 
     config_path = config_path or world_config(world)
-    with_locate = world in LOCATE_WORLDS
+    unified = world in UNIFIED_WORLDS
     out = check_writable(out)
     config = load_config(config_path, {"images_per_prompt": images_per_prompt, **(overrides or {})})
     # Every stage's input before the first model loads (the swap's tuned model comes from training).
     config.check()
     check_synth(config)
-    if with_locate:
+    if unified:
         check_locate(config, replace(config.locate, probes=[p for p in config.locate.probes if p != "swap"]))
     single_thread()
     world = planted(config.generator.model)
@@ -162,7 +161,7 @@ def run_demo(out: str | Path, config_path: str | Path | None = None, progress: b
     lap("audit before")
 
     locate = None
-    if with_locate:
+    if unified:
         # The swap needs the fine-tuned model: it runs after training, the other probes now.
         probes = copy.deepcopy(config.locate)
         probes.probes = [p for p in probes.probes if p != "swap"]
@@ -175,7 +174,7 @@ def run_demo(out: str | Path, config_path: str | Path | None = None, progress: b
 
     train = copy.deepcopy(config.train)
     train.dataset = synth["dataset"]
-    adapter = run_train(train, config.generator, out / "train", classify=classifier_callable(classifier))
+    adapter = train_fix(train, config.generator, out / "train", classifier)
     lap("train")
 
     tuned_cfg = copy.deepcopy(config)
@@ -193,7 +192,7 @@ def run_demo(out: str | Path, config_path: str | Path | None = None, progress: b
     lap("audit after + compare")
 
     swap = None
-    if with_locate and "swap" in config.locate.probes:
+    if unified and "swap" in config.locate.probes:
         swap_cfg = copy.deepcopy(config.locate)
         swap_cfg.probes = ["swap"]
         # Four cells of images: fewer per prompt keeps the demo within minutes (intervals say what that costs).
@@ -216,7 +215,7 @@ def run_demo(out: str | Path, config_path: str | Path | None = None, progress: b
         "after": side(after, adherence_after),
         "planted": planted_rd(world, occupations),
         "recovery": measured_vs_planted(before, world, occupations, config.prompts.template,
-                                        world_generator_own(config.generator.model)),
+                                        world_generator_own(config.generator.model) if unified else None),
         "gender_rd_ratio": after["attributes"]["gender"]["rd"] / before["attributes"]["gender"]["rd"],
         "wilcoxon_gender_p": compare["attributes"]["gender"]["test"]["p_value"],
         "world": world,
@@ -254,6 +253,16 @@ def locate_headlines(locate: dict, swap: dict | None) -> dict[str, Any]:
         for attr, block in swap["results"]["swap"].get("attributes", {}).items():
             out[f"swap_language_share_{attr}"] = block.get("language_share")
     return out
+
+
+def train_fix(train, generator_config, out: Path, classifier) -> Path:
+    """Train ``train.method`` with the trainer of the generator's kind (diffusion stages or the TRL trainers)."""
+    from debias.train.diffusion_stages import is_diffusion, run_diffusion_stages
+    from debias.train.run import run_train
+
+    if is_diffusion(generator_config):
+        return run_diffusion_stages(train, generator_config, out, classifier)
+    return run_train(train, generator_config, out, classify=classifier_callable(classifier))
 
 
 def classifier_callable(classifier):
@@ -340,7 +349,8 @@ def index_html(summary: dict) -> str:
               "note": REPORT_LABELS.get(name, ("", ""))[1]} for name, path in summary["reports"].items()]
     links.append({"href": "summary.json", "label": "All numbers (summary.json)", "note": ""})
     return render_html(
-        "demo.html.j2", TEMPLATES, title=f"debias demo: the {summary.get('world', 'janus')} lab world, before and after the fix", s=summary,
+        "demo.html.j2", TEMPLATES, s=summary,
+        title=f"debias demo: the {summary.get('world', 'janus')} lab world, before and after the fix",
         nav=[("result", "Result"), ("recovery", "Recovery"), ("locate", "Locate"), ("quality", "Cost"),
              ("reports", "Reports")],
         rd_rows=rd_rows, headline=headline, recovery_plot=figure_data_uri(recovery_figure(

@@ -15,10 +15,11 @@ from audit.adherence import explicit_adherence
 from audit.report import render_markdown
 from audit.store import atomic_write_bytes, atomic_write_json, check_writable
 from debias.config import load_config
-from debias.demo import EXPLICIT_IMAGES, classifier_callable, single_thread, world_config
+from debias.demo import EXPLICIT_IMAGES, single_thread, train_fix, world_config
 
 # The methods compared on each world (``train.method`` values of that world's trainer).
-WORLD_METHODS = {"janus": ("sft", "sft+bpo", "bpo", "freq", "sft+freq")}
+WORLD_METHODS = {"janus": ("sft", "sft+bpo", "bpo", "freq", "sft+freq"),
+                 "diffusion": ("sft", "sft+bpo", "dpo", "align")}
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
@@ -37,7 +38,6 @@ def run_methods(out: str | Path, methods: Sequence[str] | None = None, config_pa
     from audit.classify import ClipClassifier
     from audit.run import run_audit
     from debias.synth import check_synth, run_synth
-    from debias.train.run import run_train
     from generators.backends import load_generator
 
     config_path = config_path or world_config(world)
@@ -65,7 +65,7 @@ def run_methods(out: str | Path, methods: Sequence[str] | None = None, config_pa
         train = copy.deepcopy(config.train)
         train.method, train.dataset = method, synth["dataset"]
         t0 = time.perf_counter()
-        adapter = run_train(train, config.generator, out / method / "train", classify=classifier_callable(classifier))
+        adapter = train_fix(train, config.generator, out / method / "train", classifier)
         seconds = time.perf_counter() - t0
         cfg = copy.deepcopy(config)
         cfg.generator.adapter = str(adapter)
