@@ -22,7 +22,10 @@ from audit.store import atomic_write_bytes, check_writable, environment
 from generators.config import UserError
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_info.json")
+# PEFT adapters (token models, TRL) and diffusers LoRA files (diffusion pipelines, debias/train/diffusion.py).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "train_info.json",
+                 "pytorch_lora_weights.safetensors", "train_config.json", "train_log.jsonl")
+DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 
 
 def _metrics(run: str | Path, flag: str) -> dict[str, Any]:
@@ -78,9 +81,10 @@ def write_model_card(adapter: str | Path, out: str | Path, before: str | Path, a
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"--adapter '{adapter}': no adapter_config.json there; pass the <stage>/adapter folder "
-                        "written by `debias train`")
+    diffusers_lora = (adapter / DIFFUSERS_LORA).is_file()
+    if not diffusers_lora and not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"--adapter '{adapter}': no adapter_config.json (PEFT) or {DIFFUSERS_LORA} (diffusers) "
+                        "there; pass the <stage>/adapter folder written by `debias train`")
     b, a = _metrics(before, "--before"), _metrics(after, "--after")
     cmp = None
     if compare:
@@ -102,7 +106,7 @@ def write_model_card(adapter: str | Path, out: str | Path, before: str | Path, a
     base = generator.get("model") if generator.get("source") == "hub" else None
     model_name = name or out.name
     data = ModelCardData(
-        library_name="peft", base_model=base, pipeline_tag="text-to-image", model_name=model_name,
+        library_name="diffusers" if diffusers_lora else "peft", base_model=base, pipeline_tag="text-to-image", model_name=model_name,
         tags=["debias-t2i", "fairness", "lora", "text-to-image"],
         eval_results=[EvalResult(task_type="text-to-image", dataset_type="debias-t2i-neutral-prompts",
                                  dataset_name=f"{b['run'].get('n_prompts')} neutral prompts (same seeds before/after)",
@@ -113,7 +117,7 @@ def write_model_card(adapter: str | Path, out: str | Path, before: str | Path, a
     )
     body = render_markdown(
         "model_card.md.j2", TEMPLATES, name=model_name, rows=rows, before=b, after=a, compare=cmp, train=train,
-        info=info, generator=generator, models=ordered_models(b["run"].get("models") or {}),
+        info=info, generator=generator, diffusers_lora=diffusers_lora, models=ordered_models(b["run"].get("models") or {}),
         card=b.get("classifier_card"), environment=environment(),
         train_yaml=yaml.safe_dump(train, sort_keys=False).strip() if train else None,
     )
