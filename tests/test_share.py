@@ -163,5 +163,6 @@ def test_cli_export_and_card_write_the_folder_then_report_a_failed_push(fixed, t
 def test_card_names_the_missing_input():
     from debias.share import write_model_card
 
-    with pytest.raises(UserError, match="--adapter 'nope': no adapter_config.json \\(PEFT\\) or pytorch_lora_weights.safetensors \\(diffusers\\) there"):
+    with pytest.raises(UserError, match=r"--adapter 'nope': no adapter_config.json \(PEFT\) or "
+                                        r"pytorch_lora_weights.safetensors \(diffusers\) there"):
         write_model_card("nope", "out", "b", "a")
