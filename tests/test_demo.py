@@ -186,3 +186,38 @@ def test_demo_runs_the_whole_loop_and_resumes(tmp_path, repo_root):
               for name in ("locate", "locate-swap")}
     assert reused == {"locate": ["understanding", "vision", "controlled"], "locate-swap": ["swap"]}
     assert again["locate"] == summary["locate"]
+
+
+@pytest.mark.slow
+def test_diffusion_demo_runs_the_whole_loop(tmp_path):
+    """`debias demo --world diffusion` at a reduced size: the shipped diffusion world is audited, fixed with a
+    diffusers LoRA (SFT then BPO), re-audited on the same seeds and shared; no locate stage (no unified model)."""
+    import yaml
+
+    from debias.demo import WORLDS, run_demo
+
+    cfg = yaml.safe_load(WORLDS["diffusion"].read_text())
+    cfg["metrics"] = {"n_boot": 100}
+    cfg["prompts"]["occupations"] = cfg["synth"]["prompts"]["occupations"] = ["nurse", "engineer"]
+    cfg["synth"].update(per_cell=4, max_rounds=2, min_confidence=0.5)
+    cfg["train"]["diffusion"]["sft"]["steps"] = 4
+    cfg["train"]["diffusion"]["bpo"]["steps"] = 2
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "demo"
+
+    summary = run_demo(out, path, progress=False, images_per_prompt=8, world="diffusion",
+                       overrides={"generator.sampling.num_inference_steps": 4})
+
+    assert summary["world"] == "diffusion" and summary["locate"] == {} and "locate" not in summary["reports"]
+    assert summary["method"] == "sft+bpo" and summary["adapter"].endswith("bpo/adapter")
+    assert summary["recovery"]["n"] == 2 and summary["synth"]["n_rows"] > 0
+    for report in summary["reports"].values():
+        assert (out / report).is_file(), report
+    page = (out / "index.html").read_text()
+    assert "a diffusion pipeline does not have" in page
+    assert (out / "model" / "pytorch_lora_weights.safetensors").is_file()
+    assert "load_lora_weights" in (out / "model" / "README.md").read_text()
+    before = {p.name: p.read_bytes() for p in (out / "before").rglob("*.png")}
+    after = {p.name: p.read_bytes() for p in (out / "after").rglob("*.png")}
+    assert before and after and any(before[k] != after.get(k) for k in before)
