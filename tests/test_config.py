@@ -60,7 +60,7 @@ def test_registry_did_you_mean():
     with pytest.raises(ConfigError) as err:
         GENERATORS.get("janos")
     assert str(err.value) == ("unknown generator backend 'janos'; did you mean 'janus'?; available: diffusers, emu3, "
-                              "janus, lab")
+                              "janus, lab, lab-sd")
     reg = Registry("thing")
     reg.register("a")(int)
     with pytest.raises(ValueError, match="registered twice"):
