@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -85,7 +86,7 @@ def parse_sets(items: Iterable[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set images_per_prompt=16")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key.strip()] = yaml.load(value, Loader=_StrictLoader)
         except yaml.YAMLError:
             out[key.strip()] = value
     return out
@@ -151,6 +152,13 @@ class _StrictLoader(yaml.SafeLoader):
                     seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
+
+
+# YAML 1.1 (PyYAML) reads 1e-4 as the string "1e-4": floats need a dot there. Configs and --set values take YAML 1.2
+# floats, so a learning rate written as people write it is a number.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
 
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, raising :class:`ConfigError` naming the file on any problem (missing, unreadable, not

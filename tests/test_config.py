@@ -111,3 +111,14 @@ def test_yaml_files_are_read_strictly(tmp_path):
         load_yaml(latin)
     with pytest.raises(ConfigError, match="is a folder"):
         load_yaml(tmp_path)
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-4 as a string; configs and --set read it as the number people mean."""
+    from generators.config import load_yaml, parse_sets
+
+    assert parse_sets(["lr=3e-3", "n=50", "x=1E5", "name=e5", "lst=[1e-4, 2]"]) == {
+        "lr": 0.003, "n": 50, "x": 100000.0, "name": "e5", "lst": [0.0001, 2]}
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-4\nsteps: 10\n")
+    assert load_yaml(path) == {"lr": 0.0001, "steps": 10}
