@@ -141,7 +141,7 @@ def run_demo(out: str | Path, config_path: str | Path | None = None, progress: b
     if unified:
         check_locate(config, replace(config.locate, probes=[p for p in config.locate.probes if p != "swap"]))
     single_thread()
-    world = planted(config.generator.model)
+    truth = planted(config.generator.model)
     occupations = config.prompts.occupation_list()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -213,8 +213,8 @@ def run_demo(out: str | Path, config_path: str | Path | None = None, progress: b
     summary = {
         "before": side(before, adherence_before),
         "after": side(after, adherence_after),
-        "planted": planted_rd(world, occupations),
-        "recovery": measured_vs_planted(before, world, occupations, config.prompts.template,
+        "planted": planted_rd(truth, occupations),
+        "recovery": measured_vs_planted(before, truth, occupations, config.prompts.template,
                                         world_generator_own(config.generator.model) if unified else None),
         "gender_rd_ratio": after["attributes"]["gender"]["rd"] / before["attributes"]["gender"]["rd"],
         "wilcoxon_gender_p": compare["attributes"]["gender"]["test"]["p_value"],

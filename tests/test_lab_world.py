@@ -124,7 +124,7 @@ def test_shipped_world_carries_the_repository_config(world):
     info = json.loads((WEIGHTS / "build_info.json").read_text())
     assert info["quick"] is False and info["seed"] == repo["seed"]
     size = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
-    assert size < 9e6
+    assert size < 15e6  # Janus world ~7 MB + the diffusion world (sd/) ~6 MB
 
 
 def test_shipped_models_are_configured_for_the_sequence_convention(world):

@@ -18,13 +18,14 @@ audit's classifier; its identity is part of the stage key.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from debias.train.config import TrainConfig, check_method  # noqa: F401 (check_method: re-exported)
-from debias.train.run import StagePlan, _digest, _is_main, _write_json, complete_checkpoint, plan_stage_folders
+from debias.train.run import (
+    StagePlan, _digest, _is_main, _write_json, complete_checkpoint, plan_stage_folders, write_train_config,
+)
 from generators.base import GeneratorConfig, directory_hash
 from generators.config import ConfigError, UserError, from_dict, to_dict
 
@@ -158,18 +159,11 @@ def execute_diffusion(plan: DiffusionPlan) -> Path:
     """Run the planned stages; returns the final adapter folder."""
     import gc
 
-    import yaml
-
     from debias.train.diffusion import run_diffusion_train
     from debias.train.memory import PeakMemory
 
     train = plan.train
-    if _is_main():
-        plan.out_dir.mkdir(parents=True, exist_ok=True)
-        config = {"train": to_dict(train), "generator": to_dict(plan.generator_config)}
-        tmp = plan.out_dir / ".train_config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-        os.replace(tmp, plan.out_dir / "train_config.yaml")
+    write_train_config(plan.out_dir, train, plan.generator_config)
     # The pipeline is loaded without the adapter: a stage continues it as train.init_adapter does.
     generator = dataclasses.replace(plan.generator_config, adapter=None, merge_adapter=False)
     adapter = plan.init_adapter

@@ -349,17 +349,22 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def execute(plan: TrainPlan) -> Path:
-    """Run the planned stages (see :func:`run_train`); returns the final adapter folder."""
+def write_train_config(out_dir: Path, train: TrainConfig, generator_config: GeneratorConfig) -> None:
+    """``OUT/train_config.yaml``: the resolved train + generator config of the run (main process only)."""
     import yaml
 
-    train = plan.train
     if _is_main():
-        plan.out_dir.mkdir(parents=True, exist_ok=True)
-        config = {"train": to_dict(train), "generator": to_dict(plan.generator_config)}
-        tmp = plan.out_dir / ".train_config.yaml.tmp"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = {"train": to_dict(train), "generator": to_dict(generator_config)}
+        tmp = out_dir / ".train_config.yaml.tmp"
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-        os.replace(tmp, plan.out_dir / "train_config.yaml")
+        os.replace(tmp, out_dir / "train_config.yaml")
+
+
+def execute(plan: TrainPlan) -> Path:
+    """Run the planned stages (see :func:`run_train`); returns the final adapter folder."""
+    train = plan.train
+    write_train_config(plan.out_dir, train, plan.generator_config)
 
     adapter = plan.init_adapter
     memory: dict[str, dict] = {}
